@@ -1,0 +1,36 @@
+"""expo_engine: ExPO model extrapolation, streamed with bounded memory.
+
+    theta_expo = theta_aligned + alpha * (theta_aligned - theta_sft)
+"""
+
+__version__ = "0.1.0"
+
+from .api import Summary, extrapolate  # noqa: E402
+from .errors import (  # noqa: E402
+    ExpoError,
+    FormatError,
+    InputChangedError,
+    MismatchError,
+    OptionError,
+    OutputError,
+    SourceError,
+)
+from .plan import Plan, make_plan  # noqa: E402
+from .sources import Checkpoint, open_checkpoint  # noqa: E402
+
+__all__ = [
+    "Checkpoint",
+    "ExpoError",
+    "FormatError",
+    "InputChangedError",
+    "MismatchError",
+    "OptionError",
+    "OutputError",
+    "Plan",
+    "SourceError",
+    "Summary",
+    "__version__",
+    "extrapolate",
+    "make_plan",
+    "open_checkpoint",
+]

@@ -1,0 +1,158 @@
+"""Executor: runs a plan's chunks in this process, reading, computing and writing at the same time.
+
+Three stages overlap: one thread reads the next chunk's input bytes (`os.preadv` into reused buffers, so no input
+file is ever mapped and the page cache, not this process, holds what was read), the calling thread runs the
+kernel, and one thread writes the previous chunk at its planned offset. `depth` buffer sets rotate between them;
+each set is at most three chunk-sized buffers, so the resident memory is a fixed base plus `3 * depth` chunks,
+whatever the size of the model or of its largest tensor.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from . import dtypes, kernels
+from .errors import InputChangedError, MismatchError
+from .plan import Chunk, Plan, TensorPlan
+from .sources import TensorSlot
+from .writer import Staging
+
+DEPTH = 3  # buffer sets in flight: one being read, one computed, one written
+
+
+class _Inputs:
+    """Read-only descriptors of every input file, with the size and mtime they had when opened."""
+
+    def __init__(self, paths):
+        self.fds, self.stats = {}, {}
+        try:
+            for path in sorted(set(paths)):
+                fd = os.open(path, os.O_RDONLY)
+                self.fds[path] = fd
+                self.stats[path] = _identity(os.fstat(fd))
+        except OSError as e:
+            self.close()
+            raise InputChangedError(f"{e.filename or path}: cannot be opened any more ({e.strerror})") from None
+
+    def read_into(self, buf: torch.Tensor, slot: TensorSlot, start: int, stop: int) -> torch.Tensor:
+        """Read elements [start, stop) of `slot` into the front of `buf`; return them as a 1-D tensor of its dtype."""
+        size = dtypes.itemsize(slot.dtype)
+        view = buf[: (stop - start) * size]
+        mem, offset = memoryview(view.numpy()), slot.offset + start * size
+        while mem:
+            n = os.preadv(self.fds[slot.file], [mem], offset)
+            if n == 0:
+                raise InputChangedError(f"{slot.file}: ended early while reading '{slot.name}'; was it truncated?")
+            mem, offset = mem[n:], offset + n
+        return view.view(dtypes.TORCH[slot.dtype])
+
+    def check_unchanged(self) -> None:
+        for path, before in self.stats.items():
+            try:
+                now = _identity(os.stat(path))
+            except OSError:
+                raise InputChangedError(f"{path}: disappeared during the run; the output was not published") from None
+            if now != before:
+                raise InputChangedError(f"{path}: changed during the run (size or mtime); the output was not published")
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def _identity(st: os.stat_result) -> tuple:
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class _Buffers:
+    """One set of chunk buffers. `torch.empty` reserves address space only; pages become resident when used."""
+
+    def __init__(self, nbytes: int):
+        self.sft = torch.empty(nbytes, dtype=torch.uint8)
+        self.aligned = torch.empty(nbytes, dtype=torch.uint8)
+        self.out = torch.empty(nbytes, dtype=torch.uint8)
+
+
+def input_paths(plan: Plan) -> list[str]:
+    return [slot.file for t in plan.tensors for slot in (t.sft, t.aligned)]
+
+
+def check_copies(plan: Plan) -> None:
+    """Non-float tensors are copied from the aligned side only if both sides hold the same values: check that."""
+    copies = [t for t in plan.tensors if t.action == "copy"]
+    if not copies:
+        return
+    inputs = _Inputs(input_paths(plan))
+    bufs = _Buffers(plan.chunk_bytes)
+    try:
+        for t in copies:
+            step = max(1, plan.chunk_bytes // dtypes.itemsize(t.dtype))
+            for start in range(0, t.numel, step):
+                stop = min(start + step, t.numel)
+                s = inputs.read_into(bufs.sft, t.sft, start, stop)
+                a = inputs.read_into(bufs.aligned, t.aligned, start, stop)
+                if not torch.equal(s, a):
+                    raise MismatchError(
+                        f"tensor '{t.name}' ({t.dtype}, not floating point) differs between the checkpoints; "
+                        "ExPO can only copy such tensors when both sides are identical"
+                    )
+    finally:
+        inputs.close()
+
+
+def execute(plan: Plan, staging: Staging, on_progress: Callable[[int], None] | None = None) -> None:
+    """Compute every chunk of `plan` and write it into `staging`. Raises InputChangedError if an input moved."""
+    inputs = _Inputs(input_paths(plan))
+    sets = [_Buffers(plan.chunk_bytes) for _ in range(DEPTH)]
+    chunks = plan.chunks
+    try:
+        with ThreadPoolExecutor(1, "expo-read") as reader, ThreadPoolExecutor(1, "expo-write") as writer:
+
+            def read(k: int):
+                c = chunks[k]
+                return _read(inputs, plan.tensors[c.tensor], c, sets[k % DEPTH])
+
+            def write(t: TensorPlan, c: Chunk, data: torch.Tensor) -> None:
+                staging.write(t.shard, t.offset + c.start * dtypes.itemsize(t.dtype), memoryview(data.numpy()))
+                if on_progress:
+                    on_progress(data.numel())
+
+            writes = {}
+            pending = reader.submit(read, 0) if chunks else None
+            for k, c in enumerate(chunks):
+                s, a = pending.result()
+                nxt = k + 1
+                if nxt < len(chunks):
+                    if nxt - DEPTH in writes:  # that buffer set is free once its write is done
+                        writes.pop(nxt - DEPTH).result()
+                    pending = reader.submit(read, nxt)
+                t = plan.tensors[c.tensor]
+                out = _compute(t, s, a, sets[k % DEPTH], plan.alpha)
+                writes[k] = writer.submit(write, t, c, out.view(torch.uint8))
+                for j in [j for j, f in writes.items() if f.done()]:
+                    writes.pop(j).result()  # surfaces a failed write early
+            for f in writes.values():
+                f.result()
+        inputs.check_unchanged()
+    finally:
+        inputs.close()
+
+
+def _read(inputs: _Inputs, t: TensorPlan, c: Chunk, bufs: _Buffers):
+    a = inputs.read_into(bufs.aligned, t.aligned, c.start, c.stop)
+    s = inputs.read_into(bufs.sft, t.sft, c.start, c.stop) if t.action == "extrapolate" else None
+    return s, a
+
+
+def _compute(t: TensorPlan, s: torch.Tensor | None, a: torch.Tensor, bufs: _Buffers, alpha: float) -> torch.Tensor:
+    if t.action == "copy":
+        return a
+    dtype = dtypes.TORCH[t.dtype]
+    out = a if a.dtype == dtype else bufs.out[: a.numel() * dtype.itemsize].view(dtype)
+    kernels.extrapolate_chunk(out, s, a, alpha)
+    return out

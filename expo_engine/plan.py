@@ -1,0 +1,202 @@
+"""Plan: the whole job as data, computed from the two checkpoints' headers alone.
+
+:func:`make_plan` checks that the checkpoints match, decides every output tensor's dtype, shard and byte offset,
+builds every shard's header, and cuts every tensor into chunks of at most `chunk_bytes`. It touches no tensor
+data, so a 70B plan is tested from fake headers. Executors only consume plans.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+from huggingface_hub import split_state_dict_into_shards_factory
+from huggingface_hub.serialization._base import parse_size_to_int
+
+from . import dtypes
+from .errors import MismatchError, OptionError
+from .sources import Checkpoint, TensorSlot
+
+SHARD_PATTERN = "model{suffix}.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_CHUNK_BYTES = 64 * 2**20
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One output tensor: where its inputs lie, what is done to them, where its bytes go."""
+
+    name: str
+    shape: tuple[int, ...]
+    action: str  # "extrapolate" (floats) or "copy" (non-float, identical on both sides)
+    dtype: str  # output dtype (safetensors name)
+    sft: TensorSlot
+    aligned: TensorSlot
+    shard: str  # output file name
+    offset: int  # absolute byte offset of the tensor's first element in that file
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * dtypes.itemsize(self.dtype)
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    filename: str
+    header: bytes  # the complete file prefix: 8-byte length, JSON, space padding
+    size: int  # the complete file size
+    tensors: tuple[str, ...]  # in file order
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Elements [start, stop) of plan.tensors[tensor]: the unit of reading, computing and writing."""
+
+    tensor: int
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    alpha: float
+    chunk_bytes: int
+    tensors: tuple[TensorPlan, ...]  # in write order: by shard, then offset
+    shards: tuple[ShardPlan, ...]
+    chunks: tuple[Chunk, ...]  # in write order
+    total_size: int  # sum of output tensor bytes (the index's metadata.total_size)
+
+    @property
+    def weight_map(self) -> dict[str, str]:
+        return {t.name: t.shard for t in sorted(self.tensors, key=lambda t: t.name)}
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(t.sft.nbytes * (t.action == "extrapolate") + t.aligned.nbytes for t in self.tensors)
+
+    @property
+    def out_dtypes(self) -> list[str]:
+        return sorted({t.dtype for t in self.tensors if t.action == "extrapolate"})
+
+
+def parse_size(size: int | str) -> int:
+    """`5GB`, `500MB`, `2KB` (decimal units, as huggingface_hub uses) or a plain number of bytes."""
+    if isinstance(size, int):
+        value = size
+    else:
+        try:
+            value = int(size) if size.strip().isdigit() else parse_size_to_int(size)
+        except ValueError:
+            raise OptionError(f"size {size!r} is not understood; write it like 5GB, 500MB or in bytes") from None
+    if value <= 0:
+        raise OptionError(f"size {size!r} must be positive")
+    return value
+
+
+def make_plan(
+    sft: Checkpoint,
+    aligned: Checkpoint,
+    alpha: float,
+    *,
+    dtype: str | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> Plan:
+    """Match the checkpoints by tensor name and lay out the output. Raises MismatchError/OptionError."""
+    if not math.isfinite(alpha):
+        raise OptionError(f"alpha must be a finite number, got {alpha}")
+    if chunk_bytes < 1:
+        raise OptionError("the chunk size must be positive")
+    out_float = _out_dtype(dtype)
+    max_shard = parse_size(max_shard_size)
+    _check_names(sft, aligned)
+
+    # Output order follows the aligned checkpoint's files, so its reads stay sequential.
+    drafts = {}
+    for name, a in aligned.tensors.items():
+        s = sft.tensors[name]
+        if s.shape != a.shape:
+            raise MismatchError(
+                f"tensor '{name}' has shape {list(s.shape)} in the SFT checkpoint but {list(a.shape)} in the aligned "
+                "one; ExPO needs two checkpoints of one architecture (was the vocabulary resized by added tokens?)"
+            )
+        drafts[name] = (s, a, *_action(name, s, a, out_float))
+
+    split = split_state_dict_into_shards_factory(
+        drafts,
+        get_storage_size=lambda d: math.prod(d[1].shape) * dtypes.itemsize(d[3]),
+        filename_pattern=SHARD_PATTERN,
+        max_shard_size=max_shard,
+    )
+    tensors, shards = [], []
+    for filename, names in split.filename_to_tensors.items():
+        # safetensors' own order inside a file (dtype rank descending, then name): byte-identical to save_file.
+        names = sorted(names, key=lambda n: (-dtypes.RANK[drafts[n][3]], n))
+        header_json, offset = {"__metadata__": {"format": "pt"}}, 0
+        for n in names:
+            s, a, action, out_dtype = drafts[n]
+            nbytes = math.prod(a.shape) * dtypes.itemsize(out_dtype)
+            header_json[n] = {"dtype": out_dtype, "shape": list(a.shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        header = _header_bytes(header_json)
+        for n in names:
+            s, a, action, out_dtype = drafts[n]
+            start = len(header) + header_json[n]["data_offsets"][0]
+            tensors.append(TensorPlan(n, a.shape, action, out_dtype, s, a, filename, start))
+        shards.append(ShardPlan(filename, header, len(header) + offset, tuple(names)))
+
+    chunks = []
+    for i, t in enumerate(tensors):
+        widest = max(dtypes.itemsize(t.sft.dtype), dtypes.itemsize(t.aligned.dtype), dtypes.itemsize(t.dtype))
+        step = max(1, chunk_bytes // widest)
+        chunks.extend(Chunk(i, start, min(start + step, t.numel)) for start in range(0, t.numel, step))
+    total = sum(t.nbytes for t in tensors)
+    return Plan(float(alpha), chunk_bytes, tuple(tensors), tuple(shards), tuple(chunks), total)
+
+
+def _out_dtype(dtype: str | None) -> str | None:
+    if dtype is None:
+        return None
+    key = dtype.lower()
+    if key not in dtypes.CLI_NAMES:
+        raise OptionError(f"dtype {dtype!r} is not one of bf16, fp16, fp32")
+    return dtypes.CLI_NAMES[key]
+
+
+def _check_names(sft: Checkpoint, aligned: Checkpoint) -> None:
+    only_sft = [n for n in sft.tensors if n not in aligned.tensors]
+    only_aligned = [n for n in aligned.tensors if n not in sft.tensors]
+    if only_sft or only_aligned:
+        parts = []
+        if only_sft:
+            parts.append(f"{len(only_sft)} only in the SFT checkpoint (first: {', '.join(only_sft[:5])})")
+        if only_aligned:
+            parts.append(f"{len(only_aligned)} only in the aligned checkpoint (first: {', '.join(only_aligned[:5])})")
+        raise MismatchError(
+            "the checkpoints hold different tensors: " + "; ".join(parts)
+            + ". ExPO needs an SFT checkpoint and an aligned checkpoint trained from it"
+        )
+
+
+def _action(name: str, s: TensorSlot, a: TensorSlot, out_float: str | None) -> tuple[str, str]:
+    s_float, a_float = s.dtype in dtypes.FLOATS, a.dtype in dtypes.FLOATS
+    if s_float and a_float:
+        return "extrapolate", out_float or a.dtype
+    if not s_float and not a_float and s.dtype == a.dtype:
+        return "copy", a.dtype  # the executor's caller checks that both sides hold the same bytes
+    raise MismatchError(
+        f"tensor '{name}' is {s.dtype} in the SFT checkpoint and {a.dtype} in the aligned one; ExPO extrapolates "
+        "floating-point tensors (F16, BF16, F32, F64) and copies other tensors only when both sides are identical"
+    )
+
+
+def _header_bytes(header: dict) -> bytes:
+    body = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    body += b" " * (-len(body) % 8)
+    return len(body).to_bytes(8, "little") + body

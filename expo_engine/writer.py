@@ -1,0 +1,219 @@
+"""Writer: a staging folder of preallocated shards, filled at planned offsets, that becomes the output by rename.
+
+Nothing half-written ever sits at the output path: shards, side files, the index and `expo.json` are written and
+fsynced inside `.<name>.expo-staging` beside the output, and the output appears by one rename only when all of it
+is complete. On failure the staging folder is removed and the output path is left as it was.
+"""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import hashlib
+import json
+import os
+import shutil
+
+from .errors import OutputError
+from .plan import INDEX_NAME, Plan
+from .sources import SIDE_FILE_PATTERNS, Checkpoint
+
+PROVENANCE_NAME = "expo.json"
+CARD_NAME = "README.md"
+
+
+def check_output_path(out: str, inputs: list[str], overwrite: bool) -> str:
+    """Return the absolute output path after refusing every unusable one. Creates nothing."""
+    out_abs = os.path.abspath(os.path.expanduser(out))
+    real = os.path.join(os.path.realpath(os.path.dirname(out_abs)), os.path.basename(out_abs))
+    for src in inputs:
+        if real == src or real.startswith(src + os.sep):
+            raise OutputError(f"output {out} is inside the input checkpoint {src}; choose a folder outside it")
+        if src.startswith(real + os.sep):
+            raise OutputError(f"output {out} contains the input checkpoint {src}; choose another folder")
+    if os.path.lexists(out_abs):
+        if not os.path.isdir(out_abs) or os.path.islink(out_abs):
+            raise OutputError(f"output {out} exists and is not a folder; remove it or choose another path")
+        if os.listdir(out_abs) and not overwrite:
+            raise OutputError(f"output {out} exists and is not empty; pass --overwrite to replace it")
+    parent = os.path.dirname(out_abs)
+    probe = parent
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot create {out}: {probe} is not a writable folder")
+    return out_abs
+
+
+class Staging:
+    """The output under construction. Use as a context manager: leaving it with an exception removes it."""
+
+    def __init__(self, out: str, plan: Plan):
+        self.out = out
+        self.plan = plan
+        parent, name = os.path.split(out)
+        self.dir = os.path.join(parent, f".{name}.expo-staging")
+        self._fds: dict[str, int] = {}
+        self._hashes: dict[str, object] = {}
+        self._next: dict[str, int] = {}  # the offset at which each shard's running hash continues
+
+    def __enter__(self) -> Staging:
+        os.makedirs(os.path.dirname(self.dir), exist_ok=True)
+        if os.path.lexists(self.dir):  # left by a run that was killed; nothing in it can be trusted yet
+            shutil.rmtree(self.dir)
+        os.mkdir(self.dir)
+        try:
+            for shard in self.plan.shards:
+                fd = os.open(os.path.join(self.dir, shard.filename), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                self._fds[shard.filename] = fd
+                _preallocate(fd, shard.size, shard.filename)
+                _pwrite_all(fd, shard.header, 0)
+                self._hashes[shard.filename] = hashlib.sha256(shard.header)
+                self._next[shard.filename] = len(shard.header)
+        except BaseException:
+            self.__exit__(None, None, None)
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        if exc_type is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def write(self, shard: str, offset: int, data: memoryview) -> None:
+        """Write `data` at `offset` of `shard`. Writes in plan order let the checksum be kept on the fly."""
+        _pwrite_all(self._fds[shard], data, offset)
+        if self._next.get(shard) == offset:
+            self._hashes[shard].update(data)
+            self._next[shard] = offset + len(data)
+        else:
+            self._next[shard] = -1  # out of order: hash it by reading it back in finish()
+
+    def finish(self, aligned: Checkpoint, provenance: dict, config_dtype: str | None) -> dict[str, dict]:
+        """Fsync the shards, add side files, index, card and provenance, and rename the staging folder into place.
+
+        Returns {file name: {"size", "sha256"}} of everything written.
+        """
+        checksums = {}
+        for shard in self.plan.shards:
+            fd = self._fds[shard.filename]
+            os.fsync(fd)
+            if self._next[shard.filename] != shard.size:
+                self._hashes[shard.filename] = _hash_fd(fd)
+            checksums[shard.filename] = {"size": shard.size, "sha256": self._hashes[shard.filename].hexdigest()}
+        for name in sorted(os.listdir(aligned.path)):
+            src = os.path.join(aligned.path, name)
+            if os.path.isfile(src) and any(fnmatch.fnmatch(name, p) for p in SIDE_FILE_PATTERNS):
+                data = _read(src)
+                if name == "config.json" and config_dtype:
+                    data = _set_config_dtype(data, config_dtype, src)
+                checksums[name] = self._put(name, data)
+        if len(self.plan.shards) > 1:
+            index = {"metadata": {"total_size": self.plan.total_size}, "weight_map": self.plan.weight_map}
+            checksums[INDEX_NAME] = self._put(INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
+        checksums[CARD_NAME] = self._put(CARD_NAME, model_card(provenance).encode())
+        provenance = {**provenance, "files": dict(sorted(checksums.items()))}
+        self._put(PROVENANCE_NAME, (json.dumps(provenance, indent=2) + "\n").encode())
+        _fsync_dir(self.dir)
+        self._publish()
+        return provenance["files"]
+
+    def _put(self, name: str, data: bytes) -> dict:
+        with open(os.path.join(self.dir, name), "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+    def _publish(self) -> None:
+        parent = os.path.dirname(self.out)
+        old = None
+        if os.path.isdir(self.out) and os.listdir(self.out):  # --overwrite was checked before staging began
+            old = os.path.join(parent, f".{os.path.basename(self.out)}.expo-old")
+            if os.path.lexists(old):
+                shutil.rmtree(old)
+            os.rename(self.out, old)
+        os.rename(self.dir, self.out)  # replaces an empty folder, if one is there
+        _fsync_dir(parent)
+        if old:
+            shutil.rmtree(old)
+
+
+def model_card(p: dict) -> str:
+    def side(s: dict) -> str:
+        return f"`{s['source']}`" + (f" (revision `{s['revision']}`)" if s.get("revision") else "")
+
+    return f"""---
+base_model: {p['aligned']['source']}
+tags:
+- expo
+---
+# ExPO model (alpha = {p['alpha']})
+
+Made by expo_engine {p['engine_version']} with model extrapolation (ExPO, "Model Extrapolation Expedites Alignment",
+ACL 2025; github.com/chujiezheng/LLM-Extrapolation):
+
+    theta_expo = theta_aligned + alpha * (theta_aligned - theta_sft)
+
+computed in float32 and rounded once to {", ".join(p['dtypes'])}.
+
+- SFT model: {side(p['sft'])}
+- aligned model: {side(p['aligned'])}
+- alpha: {p['alpha']}
+
+Config, generation config and tokenizer come from the aligned model. `expo.json` records the inputs and a sha256
+checksum of every file.
+"""
+
+
+def _preallocate(fd: int, size: int, name: str) -> None:
+    try:
+        os.posix_fallocate(fd, 0, size)  # reserves the space: a full disk fails here, not hours into the run
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise OutputError(f"not enough disk space for {name} ({size / 1e9:.2f} GB); free space and rerun") from None
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+        os.ftruncate(fd, size)
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _hash_fd(fd: int):
+    h, offset = hashlib.sha256(), 0
+    while block := os.pread(fd, 16 << 20, offset):
+        h.update(block)
+        offset += len(block)
+    return h
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _set_config_dtype(data: bytes, torch_dtype: str, path: str) -> bytes:
+    try:
+        config = json.loads(data)
+    except json.JSONDecodeError as e:
+        raise OutputError(f"{path}: not valid JSON, cannot record the output dtype in it ({e})") from None
+    keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
+    for k in keys:
+        config[k] = torch_dtype
+    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
