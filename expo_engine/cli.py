@@ -104,8 +104,8 @@ def describe(s: Summary) -> str:
 class Progress:
     """A tqdm bar on a terminal; otherwise a plain log line every 10 s. Kept out of the engine on purpose."""
 
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
         self.bar = None
         self.total = self.done = 0
         self.last = 0.0

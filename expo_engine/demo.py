@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from .api import extrapolate
 from .cli import describe
-from .kernels import reference, steps_off
+from .kernels import error_steps
 
 CONFIG = {
     "architectures": ["LlamaForCausalLM"],
@@ -89,7 +89,7 @@ def run_demo(alpha: float, keep: str | None = None) -> int:
         if name.endswith(".safetensors"):
             out |= load_file(os.path.join(out_dir, name))
     for k in sft:
-        worst = max(worst, steps_off(out[k], reference(sft[k], aligned[k], alpha, out[k].dtype)).max().item())
+        worst = max(worst, error_steps(out[k], sft[k], aligned[k], alpha).max().item())
         checked += out[k].numel()
     print(f"checked {checked:,} elements against the float64 formula rounded once: worst {worst:g} bf16 step(s)")
     print(f"files: {', '.join(sorted(summary.files))}")

@@ -46,12 +46,35 @@ def reference(sft: torch.Tensor, aligned: torch.Tensor, alpha: float, dtype: tor
     return (a + alpha * (a - s)).to(dtype)
 
 
-def steps_off(out: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
-    """|out - expected| in units of `expected`'s last place in out's dtype (0 where equal, inf for NaN mismatch)."""
-    finfo = torch.finfo(out.dtype)
-    x, r = out.double(), expected.to(out.dtype).double()
+def _ulp(r: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One step of `dtype` at each value of `r` (float64 values representable in `dtype`)."""
+    finfo = torch.finfo(dtype)
     _, exp = torch.frexp(r)
-    ulp = torch.ldexp(torch.full_like(r, finfo.eps), exp - 1).clamp_min(finfo.tiny * finfo.eps)
-    diff = (x - r).abs()
+    return torch.ldexp(torch.full_like(r, finfo.eps), exp - 1).clamp_min(finfo.tiny * finfo.eps)
+
+
+def steps_off(out: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """|out - expected| in steps of out's dtype at `expected` (0 where equal, inf where only one is NaN)."""
+    x, r = out.double(), expected.to(out.dtype).double()
     same = (x == r) | (torch.isnan(x) & torch.isnan(r))
-    return torch.where(same, torch.zeros_like(diff), torch.nan_to_num(diff / ulp, nan=float("inf")))
+    diff = torch.where(same, torch.zeros_like(r), (x - r).abs())
+    return torch.nan_to_num(diff / _ulp(r, out.dtype), nan=float("inf"))
+
+
+def error_steps(out: torch.Tensor, sft: torch.Tensor, aligned: torch.Tensor, alpha: float) -> torch.Tensor:
+    """How far `out` is from the float64 formula rounded once, in output steps, beyond float32's own error.
+
+    The kernel computes in float32 (float64 if anything is float64): the difference, the product and the sum are
+    each rounded there, which costs up to u * (|result| + 3 |alpha (aligned - sft)|) with u = eps/2. Where the
+    result cancels to near zero that is more than a step of the result, so it is forgiven; what is left must be
+    at most 1 (one rounding to the output dtype).
+    """
+    a, s = aligned.double(), sft.double()
+    exact = a + alpha * (a - s)
+    wide = torch.float64 if torch.float64 in (out.dtype, sft.dtype, aligned.dtype) else torch.float32
+    slack = torch.finfo(wide).eps * (exact.abs() + 3 * abs(alpha) * (a - s).abs())
+    r = exact.to(out.dtype).double()
+    x = out.double()
+    same = (x == r) | (torch.isnan(x) & torch.isnan(r))
+    excess = torch.where(same, torch.zeros_like(r), ((x - r).abs() - slack).clamp_min(0))
+    return torch.nan_to_num(excess / _ulp(r, out.dtype), nan=float("inf"))

@@ -115,12 +115,10 @@ def make_plan(
         raise OptionError("the chunk size must be positive")
     out_float = _out_dtype(dtype)
     max_shard = parse_size(max_shard_size)
-    _check_names(sft, aligned)
-
     # Output order follows the aligned checkpoint's files, so its reads stay sequential.
     drafts = {}
-    for name, a in aligned.tensors.items():
-        s = sft.tensors[name]
+    for name in _shared_names(sft, aligned):
+        s, a = sft.tensors[name], aligned.tensors[name]
         if s.shape != a.shape:
             raise MismatchError(
                 f"tensor '{name}' has shape {list(s.shape)} in the SFT checkpoint but {list(a.shape)} in the aligned "
@@ -169,9 +167,15 @@ def _out_dtype(dtype: str | None) -> str | None:
     return dtypes.CLI_NAMES[key]
 
 
-def _check_names(sft: Checkpoint, aligned: Checkpoint) -> None:
-    only_sft = [n for n in sft.tensors if n not in aligned.tensors]
-    only_aligned = [n for n in aligned.tensors if n not in sft.tensors]
+def _shared_names(sft: Checkpoint, aligned: Checkpoint) -> list[str]:
+    """Names on both sides, in the aligned checkpoint's order; any other name is an error unless it is a tie.
+
+    A tie is a name on one side only whose bytes are another tensor's (a `.bin` saved with tied embeddings holds
+    `lm_head.weight` as a view of `model.embed_tokens.weight`; save_pretrained's safetensors drop it). It is left
+    out of the output, as save_pretrained does.
+    """
+    only_sft = _untied_extras(sft, aligned)
+    only_aligned = _untied_extras(aligned, sft)
     if only_sft or only_aligned:
         parts = []
         if only_sft:
@@ -182,6 +186,13 @@ def _check_names(sft: Checkpoint, aligned: Checkpoint) -> None:
             "the checkpoints hold different tensors: " + "; ".join(parts)
             + ". ExPO needs an SFT checkpoint and an aligned checkpoint trained from it"
         )
+    return [n for n in aligned.tensors if n in sft.tensors]
+
+
+def _untied_extras(ck: Checkpoint, other: Checkpoint) -> list[str]:
+    """Names in `ck` but not in `other` that are not ties to a name both sides share."""
+    shared = {(t.file, t.offset, t.nbytes) for n, t in ck.tensors.items() if n in other.tensors}
+    return [n for n, t in ck.tensors.items() if n not in other.tensors and (t.file, t.offset, t.nbytes) not in shared]
 
 
 def _action(name: str, s: TensorSlot, a: TensorSlot, out_float: str | None) -> tuple[str, str]:

@@ -1,0 +1,297 @@
+"""Benchmark `expo extrapolate` against `cp -r` of the same bytes (the I/O floor) and the in-memory approach.
+
+    python benchmarks/bench_extrapolate.py --size-gb 4 --workdir /work/bench-work [--repeat 3] [--markdown FILE]
+
+Builds (once, cached in --workdir) a Llama-shaped bf16 SFT/aligned pair of about --size-gb GB in all, written
+tensor block by tensor block as HF-style shards. Every measurement runs in a fresh wrapper process (this file with
+`_measure`) that starts the command, sums the RSS of the command's whole process tree every 50 ms, and reports
+that peak, the wall time and getrusage(RUSAGE_CHILDREN).ru_maxrss. The page cache is dropped before each one.
+Keep --workdir outside the repository: it holds several GB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import zlib
+
+HIDDEN, INTER, HEADS, KV_HEADS, VOCAB = 2048, 5632, 32, 4, 128256  # TinyLlama widths with the Llama 3 vocabulary
+BLOCK = 16 << 20  # elements generated at a time while building
+ALPHA = 0.3
+
+
+def llama_shapes(layers: int) -> dict[str, tuple[int, ...]]:
+    h, kv = HIDDEN, HIDDEN // HEADS * KV_HEADS
+    shapes = {"model.embed_tokens.weight": (VOCAB, h)}
+    for n in range(layers):
+        p = f"model.layers.{n}."
+        shapes |= {
+            p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
+            p + "mlp.gate_proj.weight": (INTER, h), p + "mlp.up_proj.weight": (INTER, h),
+            p + "mlp.down_proj.weight": (h, INTER), p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+        }
+    return shapes | {"model.norm.weight": (h,), "lm_head.weight": (VOCAB, h)}
+
+
+def layers_for(size_gb: float) -> int:
+    """Layers that make each model about size_gb / 2 GB (bf16)."""
+    fixed = 2 * sum(numel(s) for s in llama_shapes(0).values())
+    per_layer = 2 * sum(numel(s) for s in llama_shapes(1).values()) - fixed
+    return max(1, round((size_gb * 1e9 / 2 - fixed) / per_layer))
+
+
+def numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def block(name: str, start: int, stop: int, aligned: bool):
+    """Elements [start, stop) of a tensor, the same whenever asked: SFT weights, or SFT plus a small DPO-like drift."""
+    import torch
+
+    seed = zlib.crc32(name.encode()) * 100_003 + start // BLOCK
+    x = torch.randn(stop - start, generator=torch.Generator().manual_seed(2 * seed)) * 0.02
+    if aligned:
+        x += torch.randn(stop - start, generator=torch.Generator().manual_seed(2 * seed + 1)) * 0.002
+    return x.to(torch.bfloat16).view(torch.uint8).numpy()
+
+
+def write_checkpoint(folder: str, shapes: dict, n_shards: int, aligned: bool, layers: int) -> None:
+    """Like save_pretrained: split in state-dict order by size, each file sorted by name, plus index and config."""
+    os.makedirs(folder)
+    names, total = list(shapes), sum(2 * numel(s) for s in shapes.values())
+    groups, done = [[] for _ in range(n_shards)], 0
+    for n in names:
+        groups[min(n_shards - 1, done * n_shards // total)].append(n)
+        done += 2 * numel(shapes[n])
+    groups = [g for g in groups if g]
+    weight_map = {}
+    for k, group in enumerate(groups):
+        file = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for n in sorted(group):
+            nbytes = 2 * numel(shapes[n])
+            header[n] = {"dtype": "BF16", "shape": list(shapes[n]), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            weight_map[n] = file
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(os.path.join(folder, file), "wb") as f:
+            f.write(len(raw).to_bytes(8, "little") + raw)
+            for n in sorted(group):
+                size = numel(shapes[n])
+                for start in range(0, size, BLOCK):
+                    f.write(block(n, start, min(start + BLOCK, size), aligned))
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
+              "intermediate_size": INTER, "num_hidden_layers": layers, "num_attention_heads": HEADS,
+              "num_key_value_heads": KV_HEADS, "vocab_size": VOCAB, "torch_dtype": "bfloat16",
+              "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "max_position_embeddings": 8192}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def ensure_pair(workdir: str, size_gb: float) -> tuple[str, str, dict]:
+    layers = layers_for(size_gb)
+    shapes = llama_shapes(layers)
+    info = {"layers": layers, "hidden": HIDDEN, "intermediate": INTER, "vocab": VOCAB, "tensors": len(shapes),
+            "params": sum(numel(s) for s in shapes.values()), "largest_mib": 2 * VOCAB * HIDDEN / 2**20,
+            "sft_shards": 2, "aligned_shards": 5}
+    root = os.path.join(workdir, f"pair-{size_gb:g}gb")
+    stamp = os.path.join(root, "pair.json")
+    if os.path.exists(stamp) and json.load(open(stamp)) == info:
+        print(f"reusing the cached pair in {root}", file=sys.stderr)
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+        t0 = time.monotonic()
+        write_checkpoint(os.path.join(root, "sft"), shapes, 2, False, layers)
+        write_checkpoint(os.path.join(root, "aligned"), shapes, 5, True, layers)
+        with open(stamp, "w") as f:
+            json.dump(info, f)
+        print(f"built the pair in {root} in {time.monotonic() - t0:.0f} s", file=sys.stderr)
+    return os.path.join(root, "sft"), os.path.join(root, "aligned"), info
+
+
+def in_memory(sft: str, aligned: str, alpha: float, out: str) -> None:
+    """The authors' way: both models whole in RAM, fp32 math per tensor in place, save_file sharded, then sync."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import load_file, save_file
+
+    def load(folder):
+        return {k: v for f in sorted(os.listdir(folder)) if f.endswith(".safetensors")
+                for k, v in load_file(os.path.join(folder, f)).items()}
+
+    s, a = load(sft), load(aligned)
+    for k in a:
+        a[k] = (a[k].float() + alpha * (a[k].float() - s[k].float())).to(a[k].dtype)
+    split = split_torch_state_dict_into_shards(a, max_shard_size="5GB")
+    os.makedirs(out)
+    for file, names in split.filename_to_tensors.items():
+        save_file({n: a[n] for n in names}, os.path.join(out, file), metadata={"format": "pt"})
+    if split.is_sharded:
+        with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": split.metadata, "weight_map": split.tensor_to_filename}, f, indent=2)
+    shutil.copy(os.path.join(aligned, "config.json"), out)
+    os.sync()
+
+
+def measure(cmd: list[str], log: str) -> None:
+    """Wrapper process: run cmd, poll the summed RSS of its process tree, print one JSON line."""
+    import psutil
+
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+    root, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        rss = 0
+        try:
+            for p in [root, *root.children(recursive=True)]:
+                try:
+                    rss += p.memory_info().rss
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            pass
+        peak = max(peak, rss)
+        time.sleep(0.05)
+    wall = time.perf_counter() - t0
+    maxrss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    print(json.dumps({"rc": proc.returncode, "wall": wall, "tree_peak": peak, "ru_maxrss": maxrss}))
+
+
+def drop_caches() -> bool:
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def run_one(cmd: list[str], out: str, workdir: str) -> dict:
+    cold = drop_caches()
+    log = os.path.join(workdir, "last.log")
+    res = subprocess.run([sys.executable, __file__, "_measure", log, "--", *cmd], capture_output=True, text=True)
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    if r["rc"] != 0:
+        sys.exit(f"{cmd[0]} failed (rc {r['rc']}):\n{open(log).read()[-3000:]}")
+    r["written"] = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
+    r["cold"] = cold
+    return r
+
+
+def spot_check(sft: str, aligned: str, out: str) -> float:
+    """Worst distance, in bf16 steps, of some expo output rows from the float64 formula rounded once."""
+    from safetensors import safe_open
+
+    from expo_engine.kernels import reference, steps_off
+
+    def rows(folder, name, start, stop):
+        index = os.path.join(folder, "model.safetensors.index.json")
+        file = json.load(open(index))["weight_map"][name] if os.path.exists(index) else "model.safetensors"
+        with safe_open(os.path.join(folder, file), "pt") as f:
+            return f.get_slice(name)[start:stop]
+
+    chunk_rows = (64 << 20) // (2 * HIDDEN)  # rows of one 64 MiB chunk: check across chunk boundaries
+    checks = [("model.norm.weight", 0, HIDDEN), ("model.layers.0.self_attn.q_proj.weight", 0, HIDDEN),
+              ("lm_head.weight", chunk_rows - 64, chunk_rows + 64), ("model.embed_tokens.weight", VOCAB - 4096, VOCAB)]
+    worst = 0.0
+    for name, start, stop in checks:
+        o = rows(out, name, start, stop)
+        ref = reference(rows(sft, name, start, stop), rows(aligned, name, start, stop), ALPHA, o.dtype)
+        worst = max(worst, steps_off(o, ref).max().item())
+    return worst
+
+
+def table(results: dict[str, list[dict]]) -> str:
+    cp = statistics.median(r["wall"] for r in results["cp -r + sync"])
+    rows = ["| method | runs | wall s, median (all) | GB written | GB/s | wall / cp | peak tree RSS MiB, max (all) "
+            "| ru_maxrss MiB, max |", "|---|---|---|---|---|---|---|---|"]
+    for name, rs in results.items():
+        wall, gb = statistics.median(r["wall"] for r in rs), rs[0]["written"] / 1e9
+        walls = ", ".join(f"{r['wall']:.1f}" for r in rs)
+        peaks = [r["tree_peak"] / 2**20 for r in rs]
+        rows.append(f"| {name} | {len(rs)} | {wall:.1f} ({walls}) | {gb:.2f} | {gb / wall:.2f} | {wall / cp:.2f} | "
+                    f"{max(peaks):.0f} ({', '.join(f'{p:.0f}' for p in peaks)}) | "
+                    f"{max(r['ru_maxrss'] for r in rs) / 2**20:.0f} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["_measure"]:
+        return measure(sys.argv[4:], sys.argv[2])
+    if sys.argv[1:2] == ["_inmemory"]:
+        return in_memory(sys.argv[2], sys.argv[3], float(sys.argv[4]), sys.argv[5])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size-gb", type=float, default=4.0, help="SFT + aligned size in GB (default %(default)g)")
+    p.add_argument("--workdir", required=True, help="scratch folder outside the repo; the pair is cached here")
+    p.add_argument("--repeat", type=int, default=3, help="runs of expo and of cp (default %(default)s)")
+    p.add_argument("--skip-in-memory", action="store_true", help="skip the in-memory baseline (needs ~3x RAM)")
+    p.add_argument("--markdown", metavar="FILE", help="append the table, command, date and machine to FILE")
+    p.add_argument("--delete-pair", action="store_true", help="remove the cached pair at the end")
+    args = p.parse_args()
+    workdir = os.path.abspath(args.workdir)
+    os.makedirs(workdir, exist_ok=True)
+    sft, aligned, info = ensure_pair(workdir, args.size_gb)
+    out = os.path.join(workdir, "out")
+    expo = os.path.join(os.path.dirname(sys.executable), "expo")
+    cmds = {
+        "expo extrapolate": [expo if os.path.exists(expo) else "expo", "extrapolate", "--sft", sft, "--aligned",
+                             aligned, "--alpha", str(ALPHA), "--out", out],
+        "cp -r + sync": ["sh", "-c", 'cp -r "$0" "$1" && sync', aligned, out],
+        "in-memory (load_file, fp32, save_file)": [sys.executable, __file__, "_inmemory", sft, aligned, str(ALPHA),
+                                                    out],
+    }
+    results, worst = {name: [] for name in cmds}, None
+    plan = [n for _ in range(args.repeat) for n in list(cmds)[:2]] + ([] if args.skip_in_memory else [list(cmds)[2]])
+    for name in plan:
+        shutil.rmtree(out, ignore_errors=True)
+        r = run_one(cmds[name], out, workdir)
+        if name == "expo extrapolate" and worst is None:
+            worst = spot_check(sft, aligned, out)
+        results[name].append(r)
+        print(f"{name}: {r['wall']:.1f} s, tree peak {r['tree_peak'] / 2**20:.0f} MiB, "
+              f"{'cold' if r['cold'] else 'WARM'} cache", file=sys.stderr, flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+    results = {k: v for k, v in results.items() if v}
+    cold = all(r["cold"] for rs in results.values() for r in rs)
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    report = "\n".join([
+        f"### {args.size_gb:g} GB pair ({info['params'] / 1e9:.2f} B params per model, {info['layers']} layers, "
+        f"largest tensor {info['largest_mib']:.0f} MiB; SFT in 2 shards, aligned in 5)",
+        "",
+        f"- command: `python benchmarks/bench_extrapolate.py {' '.join(sys.argv[1:])}`",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}; machine: {os.cpu_count()} cores, {mem_gb:.1f} GiB RAM, "
+        f"{platform.platform()}",
+        "- page cache: " + ("dropped before every run (cold)" if cold else
+                            "COULD NOT be dropped (no permission): warm-cache numbers"),
+        f"- expo output vs float64 formula (3 tensors): worst {worst:g} bf16 step(s)" if worst is not None else "",
+        "",
+        table(results),
+        "",
+    ])
+    print(report)
+    if args.markdown:
+        with open(args.markdown, "a") as f:
+            f.write(report + "\n")
+    if args.delete_pair:
+        shutil.rmtree(os.path.dirname(sft))
+
+
+if __name__ == "__main__":
+    main()

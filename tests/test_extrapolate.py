@@ -1,0 +1,186 @@
+"""End to end: tiny transformers models in, every element checked against the float64 formula, loads back."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+
+import pytest
+import torch
+from helpers import load_output, worst_steps
+from safetensors import safe_open
+
+from expo_engine import extrapolate
+from expo_engine.cli import main
+from expo_engine.kernels import reference
+
+
+ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8}
+
+
+def _check_index_consistent(out: str) -> None:
+    """Every tensor in exactly one shard, the index's weight_map equal to the shard headers, total_size right."""
+    index_path = os.path.join(out, "model.safetensors.index.json")
+    shards = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+    if len(shards) == 1:
+        assert shards == ["model.safetensors"] and not os.path.exists(index_path)
+        return
+    with open(index_path) as f:
+        index = json.load(f)
+    assert shards == [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    seen, total = {}, 0
+    for shard in shards:
+        with safe_open(os.path.join(out, shard), "pt") as f:
+            assert f.metadata() == {"format": "pt"}
+            for name in f.keys():
+                assert name not in seen
+                seen[name] = shard
+                sl = f.get_slice(name)
+                total += math.prod(sl.get_shape()) * ITEMSIZE[sl.get_dtype()]
+    assert index["weight_map"] == seen
+    assert index["metadata"]["total_size"] == total
+
+
+@pytest.mark.parametrize("layout", ["untied-mixed", "tied-mixed", "untied-single", "tied-single"])
+@pytest.mark.parametrize("alpha", [0.3, 8.0, -0.5])
+def test_every_element_is_the_formula_rounded_once(pairs, tmp_path, layout, alpha):
+    p = pairs[layout]
+    out = str(tmp_path / "out")
+    summary = extrapolate(p.sft, p.aligned, alpha, out, max_shard_size="30KB", chunk_bytes=1000)
+    got = load_output(out)
+    # Output names: the aligned side's (save_pretrained drops the tied lm_head.weight).
+    expected_names = set(load_output(p.aligned)) if layout.endswith("mixed") else set(got)
+    assert set(got) == expected_names
+    assert worst_steps(got, p.sft_state, p.aligned_state, alpha) <= 1
+    assert all(got[n].dtype == p.aligned_state[n].dtype for n in got)
+    _check_index_consistent(out)
+    assert summary.tensors == len(got) and summary.shards >= 1
+
+
+def test_alpha_zero_is_aligned_bit_for_bit(pair, tmp_path):
+    out = str(tmp_path / "out")
+    extrapolate(pair.sft, pair.aligned, 0.0, out, chunk_bytes=999)
+    got = load_output(out)
+    for name, t in got.items():
+        assert torch.equal(t.view(torch.int16), pair.aligned_state[name].view(torch.int16)), name
+
+
+def test_fp32_math_beats_bf16_arithmetic(pair, tmp_path):
+    """The authors compute in bf16; the engine must not: its output differs from the bf16 result somewhere."""
+    alpha = 0.3
+    extrapolate(pair.sft, pair.aligned, alpha, str(tmp_path / "out"))
+    got = load_output(str(tmp_path / "out"))
+    differs = 0
+    for name, t in got.items():
+        a, s = pair.aligned_state[name], pair.sft_state[name]
+        naive = a + alpha * (a - s)  # bf16 arithmetic, rounded at every step
+        differs += (naive != t).sum().item()
+        exact = reference(s, a, alpha, torch.bfloat16)
+        assert (t != exact).float().mean().item() < 0.01
+    assert differs > 0
+
+
+@pytest.mark.parametrize("dtype,torch_dtype,config_value", [("fp32", torch.float32, "float32"),
+                                                           ("fp16", torch.float16, "float16")])
+def test_dtype_override_and_config(pair, tmp_path, dtype, torch_dtype, config_value):
+    out = str(tmp_path / "out")
+    extrapolate(pair.sft, pair.aligned, 2.5, out, dtype=dtype, chunk_bytes=4096)
+    got = load_output(out)
+    assert all(t.dtype == torch_dtype for t in got.values())
+    assert worst_steps(got, pair.sft_state, pair.aligned_state, 2.5) <= 1
+    with open(os.path.join(out, "config.json")) as f:
+        config = json.load(f)
+    assert config.get("torch_dtype", config.get("dtype")) == config_value
+
+
+def test_mixed_input_dtypes(tmp_path, pair):
+    """SFT in fp32 and aligned in bf16: computed in fp32 from the stored values, output bf16 (aligned's)."""
+    from helpers import save_model
+
+    sft32 = pair.sft_model.to(torch.float32)
+    try:
+        sft_dir = save_model(sft32, str(tmp_path / "sft32"))
+    finally:
+        pair.sft_model.to(torch.bfloat16)
+    sft_state = {k: v.float() for k, v in pair.sft_state.items()}
+    out = str(tmp_path / "out")
+    extrapolate(sft_dir, pair.aligned, 0.7, out, chunk_bytes=3000)
+    got = load_output(out)
+    assert all(t.dtype == torch.bfloat16 for t in got.values())
+    assert worst_steps(got, sft_state, pair.aligned_state, 0.7) <= 1
+
+
+def test_output_loads_in_transformers_with_in_memory_logits(pair, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from helpers import llama_config
+
+    alpha = 0.4
+    out = str(tmp_path / "out")
+    extrapolate(pair.sft, pair.aligned, alpha, out, max_shard_size="20KB")
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+
+    # The same model built in memory: float64 formula, rounded once.
+    from transformers import LlamaForCausalLM
+
+    expected = LlamaForCausalLM(llama_config()).to(torch.bfloat16)
+    expected.load_state_dict({n: reference(pair.sft_state[n], a, alpha, a.dtype)
+                              for n, a in pair.aligned_state.items()})
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got_logits = loaded(ids).logits.float()
+        want_logits = expected(ids).logits.float()
+    # Weights differ from the in-memory ones by at most one bf16 step in a few elements.
+    torch.testing.assert_close(got_logits, want_logits, atol=2e-2, rtol=2e-2)
+    assert got_logits.abs().max() > 0
+
+
+def test_side_files_card_and_provenance(pair, tmp_path):
+    out = str(tmp_path / "out")
+    summary = extrapolate(pair.sft, pair.aligned, 0.3, out, max_shard_size="20KB")
+    names = set(os.listdir(out))
+    assert {"config.json", "generation_config.json", "README.md", "expo.json"} <= names
+    with open(os.path.join(out, "README.md")) as f:
+        card = f.read()
+    assert card.startswith("---\nbase_model: ") and "- expo" in card and "alpha = 0.3" in card
+    with open(os.path.join(out, "expo.json")) as f:
+        prov = json.load(f)
+    assert prov["alpha"] == 0.3 and prov["sft"]["format"] == "bin" and prov["aligned"]["format"] == "safetensors"
+    assert set(prov["files"]) == names - {"expo.json"}
+    for name, info in prov["files"].items():
+        with open(os.path.join(out, name), "rb") as f:
+            data = f.read()
+        assert info["size"] == len(data) and info["sha256"] == hashlib.sha256(data).hexdigest(), name
+    assert summary.files == prov["files"]
+    assert not any(n.startswith(".") for n in os.listdir(tmp_path))  # no staging left behind
+
+
+def test_inputs_are_not_modified(pair, tmp_path):
+    def digest(folder):
+        return {n: hashlib.sha256(open(os.path.join(folder, n), "rb").read()).hexdigest() for n in os.listdir(folder)}
+
+    before = digest(pair.sft), digest(pair.aligned)
+    extrapolate(pair.sft, pair.aligned, 0.3, str(tmp_path / "out"))
+    assert (digest(pair.sft), digest(pair.aligned)) == before
+
+
+def test_cli_extrapolate_prints_summary(pair, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    rc = main(["extrapolate", "--sft", pair.sft, "--aligned", pair.aligned, "--alpha", "0.5", "--out", out,
+               "--chunk-mb", "0.01", "--max-shard-size", "40KB"])
+    captured = capsys.readouterr()
+    assert rc == 0
+    assert f"wrote {out}" in captured.out and "alpha 0.5" in captured.out
+    assert "planned" in captured.err  # plain progress lines when stderr is not a terminal
+    assert worst_steps(load_output(out), pair.sft_state, pair.aligned_state, 0.5) <= 1
+
+
+def test_overwrite_replaces_previous_output(pair, tmp_path):
+    out = str(tmp_path / "out")
+    extrapolate(pair.sft, pair.aligned, 0.3, out, max_shard_size="20KB")
+    extrapolate(pair.sft, pair.aligned, 0.1, out, overwrite=True)
+    assert sorted(f for f in os.listdir(out) if f.endswith(".safetensors")) == ["model.safetensors"]
+    assert worst_steps(load_output(out), pair.sft_state, pair.aligned_state, 0.1) <= 1
+    assert sorted(os.listdir(tmp_path)) == ["out"]
