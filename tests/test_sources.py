@@ -1,0 +1,190 @@
+"""Sources: `.bin` layouts against torch.load, strict safetensors headers (fuzzed), Hugging Face cache layout."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import load_output, save_bin_sharded, worst_steps
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+from expo_engine.errors import FormatError, SourceError
+from expo_engine.sources import open_checkpoint, parse_safetensors_header, read_bin_layout, resolve
+
+
+def _read(slot) -> bytes:
+    with open(slot.file, "rb") as f:
+        f.seek(slot.offset)
+        return f.read(slot.nbytes)
+
+
+def test_bin_layout_matches_torch_load(tmp_path):
+    base = torch.randn(10, 8)
+    state = {
+        "w": torch.randn(7, 5).to(torch.bfloat16),
+        "tied_a": base,
+        "tied_b": base,  # same storage: saved once
+        "row_view": base[3:6],  # a view with a storage offset
+        "half": torch.randn(33).half(),
+        "ids": torch.arange(12),
+        "scalar": torch.tensor(3.5),
+    }
+    path = str(tmp_path / "pytorch_model.bin")
+    torch.save(state, path)
+    slots = {s.name: s for s in read_bin_layout(path)}
+    loaded = torch.load(path, mmap=True, weights_only=True)
+    assert set(slots) == set(loaded)
+    for name, t in loaded.items():
+        s = slots[name]
+        assert s.shape == tuple(t.shape) and s.nbytes == t.numel() * t.element_size()
+        assert _read(s) == t.contiguous().view(-1).view(torch.uint8).numpy().tobytes(), name
+    assert slots["tied_a"].offset == slots["tied_b"].offset
+
+
+def test_bin_non_contiguous_tensor_is_refused(tmp_path):
+    path = str(tmp_path / "pytorch_model.bin")
+    torch.save({"t": torch.randn(4, 6).t()}, path)
+    with pytest.raises(FormatError, match="non-contiguously"):
+        read_bin_layout(path)
+
+
+def test_bin_pickle_with_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = str(tmp_path / "pytorch_model.bin")
+    torch.save({"w": torch.zeros(2), "x": Evil()}, path)
+    with pytest.raises(FormatError, match="refuses to unpickle"):
+        read_bin_layout(path)
+    assert not marker.exists()
+
+
+def test_sharded_bin_and_safetensors_describe_the_same_tensors(tmp_path):
+    state = {f"layer.{i}.weight": torch.randn(3 + i, 4).to(torch.bfloat16) for i in range(7)}
+    save_bin_sharded(state, str(tmp_path / "bin"), 3)
+    os.makedirs(tmp_path / "st")
+    save_file(state, str(tmp_path / "st" / "model.safetensors"))
+    a, b = open_checkpoint(str(tmp_path / "bin")), open_checkpoint(str(tmp_path / "st"))
+    assert a.format == "bin" and b.format == "safetensors" and len(a.files) == 3
+    for name, t in state.items():
+        assert _read(a.tensors[name]) == _read(b.tensors[name]) == t.view(torch.uint8).numpy().tobytes()
+
+
+def _header(entries: dict, meta=None) -> bytes:
+    h = dict(entries)
+    if meta is not None:
+        h["__metadata__"] = meta
+    return json.dumps(h).encode()
+
+
+def test_header_rules():
+    good = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+            "b": {"dtype": "BF16", "shape": [3], "data_offsets": [8, 14]}}
+    raw = _header(good, {"format": "pt"})
+    slots = parse_safetensors_header(raw, 8 + len(raw) + 14)
+    assert [(s.name, s.offset) for s in slots] == [("a", 8 + len(raw)), ("b", 16 + len(raw))]
+    bad_cases = [
+        ({**good, "b": {"dtype": "BF16", "shape": [3], "data_offsets": [6, 12]}}, 14, "overlaps"),
+        ({**good, "b": {"dtype": "BF16", "shape": [3], "data_offsets": [10, 16]}}, 16, "gap"),
+        ({**good, "b": {"dtype": "X9", "shape": [3], "data_offsets": [8, 14]}}, 14, "unknown dtype"),
+        ({**good, "b": {"dtype": "BF16", "shape": [-3], "data_offsets": [8, 14]}}, 14, "bad shape"),
+        ({**good, "b": {"dtype": "BF16", "shape": [4], "data_offsets": [8, 14]}}, 14, "needs"),
+        (good, 20, "truncated or padded"),
+    ]
+    for header, data_len, message in bad_cases:
+        raw = _header(header)
+        with pytest.raises(FormatError, match=message):
+            parse_safetensors_header(raw, 8 + len(raw) + data_len)
+    with pytest.raises(FormatError, match="__metadata__"):
+        raw = _header(good, {"format": 1})
+        parse_safetensors_header(raw, 8 + len(raw) + 14)
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 40) | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(header=st.dictionaries(st.text(max_size=6), _json, max_size=4), extra=st.integers(0, 64),
+       mutate=st.binary(max_size=16))
+def test_header_parser_fuzz(header, extra, mutate):
+    """Any header either parses into a valid contiguous layout or raises FormatError, nothing else."""
+    for raw in (json.dumps(header).encode(), mutate, json.dumps(header).encode()[: len(mutate)]):
+        try:
+            slots = parse_safetensors_header(raw, 8 + len(raw) + extra)
+        except FormatError:
+            continue
+        end = 8 + len(raw)
+        for s in sorted(slots, key=lambda s: s.offset):
+            assert s.offset == end
+            end += s.nbytes
+        assert end == 8 + len(raw) + extra
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hugging Face cache: repo ids resolve from a real cache layout (blobs, refs, snapshots with relative symlinks).
+
+
+def _fake_hub_cache(cache, repo: str, folder: str, commit: str = "a" * 40) -> str:
+    import hashlib
+
+    repo_dir = os.path.join(cache, "models--" + repo.replace("/", "--"))
+    snap = os.path.join(repo_dir, "snapshots", commit)
+    os.makedirs(os.path.join(repo_dir, "blobs"), exist_ok=True)
+    os.makedirs(os.path.join(repo_dir, "refs"), exist_ok=True)
+    os.makedirs(snap, exist_ok=True)
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name), "rb") as f:
+            data = f.read()
+        blob = hashlib.sha256(data).hexdigest()
+        with open(os.path.join(repo_dir, "blobs", blob), "wb") as f:
+            f.write(data)
+        os.symlink(os.path.join("..", "..", "blobs", blob), os.path.join(snap, name))
+    with open(os.path.join(repo_dir, "refs", "main"), "w") as f:
+        f.write(commit)
+    return snap
+
+
+def test_repo_id_resolves_from_cache(pair, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    cache = str(tmp_path / "hub")
+    snap = _fake_hub_cache(cache, "org/tiny-sft", pair.sft, commit="b" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", cache)
+    assert resolve("org/tiny-sft") == (snap, "b" * 40)
+    assert resolve("org/tiny-sft@main") == (snap, "b" * 40)
+    assert resolve("org/tiny-sft@" + "b" * 40) == (snap, "b" * 40)
+    with pytest.raises(SourceError, match="HF_HUB_OFFLINE"):
+        resolve("org/absent")
+    with pytest.raises(SourceError, match="not a Hugging Face repo id"):
+        resolve("./no/such/folder")
+
+
+def test_cli_extrapolates_from_hub_cache(pair, tmp_path):
+    cache = str(tmp_path / "hub")
+    _fake_hub_cache(cache, "org/sft", pair.sft, commit="c" * 40)
+    _fake_hub_cache(cache, "org/dpo", pair.aligned, commit="d" * 40)
+    out = str(tmp_path / "out")
+    env = {**os.environ, "HF_HUB_CACHE": cache, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "expo_engine.cli", "extrapolate", "--sft", "org/sft",
+                           "--aligned", "org/dpo@main", "--alpha", "0.3", "--out", out],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert worst_steps(load_output(out), pair.sft_state, pair.aligned_state, 0.3) <= 1
+    with open(os.path.join(out, "expo.json")) as f:
+        prov = json.load(f)
+    assert prov["sft"]["revision"] == "c" * 40 and prov["aligned"]["source"] == "org/dpo@main"
+    shutil.rmtree(cache)
