@@ -12,9 +12,12 @@ Keep --workdir outside the repository: it holds several GB.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import platform
+import re
 import resource
 import shutil
 import statistics
@@ -51,10 +54,7 @@ def layers_for(size_gb: float) -> int:
 
 
 def numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    return math.prod(shape)
 
 
 def block(name: str, start: int, stop: int, aligned: bool):
@@ -71,12 +71,13 @@ def block(name: str, start: int, stop: int, aligned: bool):
 def write_checkpoint(folder: str, shapes: dict, n_shards: int, aligned: bool, layers: int) -> None:
     """Like save_pretrained: split in state-dict order by size, each file sorted by name, plus index and config."""
     os.makedirs(folder)
-    names, total = list(shapes), sum(2 * numel(s) for s in shapes.values())
-    groups, done = [[] for _ in range(n_shards)], 0
-    for n in names:
-        groups[min(n_shards - 1, done * n_shards // total)].append(n)
-        done += 2 * numel(shapes[n])
-    groups = [g for g in groups if g]
+    total = sum(2 * numel(s) for s in shapes.values())
+    groups, size = [[]], 0
+    for n in shapes:  # save_pretrained's rule, with a cap of total / n_shards: a new file when the next one overflows
+        if size and size + 2 * numel(shapes[n]) > total / n_shards and len(groups) < n_shards:
+            groups, size = [*groups, []], 0
+        groups[-1].append(n)
+        size += 2 * numel(shapes[n])
     weight_map = {}
     for k, group in enumerate(groups):
         file = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
@@ -91,9 +92,8 @@ def write_checkpoint(folder: str, shapes: dict, n_shards: int, aligned: bool, la
         with open(os.path.join(folder, file), "wb") as f:
             f.write(len(raw).to_bytes(8, "little") + raw)
             for n in sorted(group):
-                size = numel(shapes[n])
-                for start in range(0, size, BLOCK):
-                    f.write(block(n, start, min(start + BLOCK, size), aligned))
+                for start in range(0, numel(shapes[n]), BLOCK):
+                    f.write(block(n, start, min(start + BLOCK, numel(shapes[n])), aligned))
     with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
@@ -108,8 +108,7 @@ def ensure_pair(workdir: str, size_gb: float) -> tuple[str, str, dict]:
     layers = layers_for(size_gb)
     shapes = llama_shapes(layers)
     info = {"layers": layers, "hidden": HIDDEN, "intermediate": INTER, "vocab": VOCAB, "tensors": len(shapes),
-            "params": sum(numel(s) for s in shapes.values()), "largest_mib": 2 * VOCAB * HIDDEN / 2**20,
-            "sft_shards": 2, "aligned_shards": 5}
+            "params": sum(numel(s) for s in shapes.values()), "largest_mib": 2 * VOCAB * HIDDEN / 2**20, "layout": 2}
     root = os.path.join(workdir, f"pair-{size_gb:g}gb")
     stamp = os.path.join(root, "pair.json")
     if os.path.exists(stamp) and json.load(open(stamp)) == info:
@@ -158,14 +157,10 @@ def measure(cmd: list[str], log: str) -> None:
     root, peak = psutil.Process(proc.pid), 0
     while proc.poll() is None:
         rss = 0
-        try:
+        with contextlib.suppress(psutil.Error):
             for p in [root, *root.children(recursive=True)]:
-                try:
+                with contextlib.suppress(psutil.Error):
                     rss += p.memory_info().rss
-                except psutil.Error:
-                    pass
-        except psutil.Error:
-            pass
         peak = max(peak, rss)
         time.sleep(0.05)
     wall = time.perf_counter() - t0
@@ -184,15 +179,15 @@ def drop_caches() -> bool:
 
 
 def run_one(cmd: list[str], out: str, workdir: str) -> dict:
-    cold = drop_caches()
+    cold, load = drop_caches(), os.getloadavg()[0]
     log = os.path.join(workdir, "last.log")
     res = subprocess.run([sys.executable, __file__, "_measure", log, "--", *cmd], capture_output=True, text=True)
     r = json.loads(res.stdout.strip().splitlines()[-1])
     if r["rc"] != 0:
         sys.exit(f"{cmd[0]} failed (rc {r['rc']}):\n{open(log).read()[-3000:]}")
     r["written"] = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
-    r["cold"] = cold
-    return r
+    own = re.search(r"GB in ([0-9.]+) s", open(log).read())  # expo's own timer, which starts after its imports
+    return r | {"cold": cold, "load": load, "own": float(own[1]) if own else None}
 
 
 def spot_check(sft: str, aligned: str, out: str) -> float:
@@ -219,16 +214,16 @@ def spot_check(sft: str, aligned: str, out: str) -> float:
 
 
 def table(results: dict[str, list[dict]]) -> str:
-    cp = statistics.median(r["wall"] for r in results["cp -r + sync"])
+    cp, fmt = statistics.median(r["wall"] for r in results["cp -r + sync"]), ", ".join
     rows = ["| method | runs | wall s, median (all) | GB written | GB/s | wall / cp | peak tree RSS MiB, max (all) "
-            "| ru_maxrss MiB, max |", "|---|---|---|---|---|---|---|---|"]
+            "| ru_maxrss MiB, max | load avg before |", "|---|---|---|---|---|---|---|---|---|"]
     for name, rs in results.items():
         wall, gb = statistics.median(r["wall"] for r in rs), rs[0]["written"] / 1e9
-        walls = ", ".join(f"{r['wall']:.1f}" for r in rs)
+        walls, loads = fmt(f"{r['wall']:.1f}" for r in rs), fmt(f"{r['load']:.1f}" for r in rs)
         peaks = [r["tree_peak"] / 2**20 for r in rs]
         rows.append(f"| {name} | {len(rs)} | {wall:.1f} ({walls}) | {gb:.2f} | {gb / wall:.2f} | {wall / cp:.2f} | "
-                    f"{max(peaks):.0f} ({', '.join(f'{p:.0f}' for p in peaks)}) | "
-                    f"{max(r['ru_maxrss'] for r in rs) / 2**20:.0f} |")
+                    f"{max(peaks):.0f} ({fmt(f'{p:.0f}' for p in peaks)}) | "
+                    f"{max(r['ru_maxrss'] for r in rs) / 2**20:.0f} | {loads} |")
     return "\n".join(rows)
 
 
@@ -280,7 +275,10 @@ def main() -> None:
         f"{platform.platform()}",
         "- page cache: " + ("dropped before every run (cold)" if cold else
                             "COULD NOT be dropped (no permission): warm-cache numbers"),
-        f"- expo output vs float64 formula (3 tensors): worst {worst:g} bf16 step(s)" if worst is not None else "",
+        f"- expo output vs the float64 formula rounded once (rows of 4 tensors, across a chunk boundary): worst "
+        f"{worst:g} bf16 step(s)" if worst is not None else "",
+        "- expo's own timer (from after its imports to the published folder): "
+        + ", ".join(f"{r['own']:.1f} s" for r in results.get("expo extrapolate", []) if r["own"]),
         "",
         table(results),
         "",

@@ -90,14 +90,22 @@ def _run_demo(args) -> int:
     return run_demo(args.alpha, args.keep)
 
 
+def human(nbytes: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(nbytes) < 1000 or unit == "GB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.2f} {unit}"
+        nbytes /= 1000
+    return ""
+
+
 def describe(s: Summary) -> str:
-    rate = s.bytes_written / s.seconds / 1e9 if s.seconds > 0 else 0.0
+    rate = s.bytes_written / s.seconds if s.seconds > 0 else 0.0
     return (
         f"wrote {s.out}\n"
         f"  alpha {s.alpha:g}; {s.tensors} tensors ({s.extrapolated} extrapolated, {s.copied} copied) in "
         f"{s.shards} shard(s), dtype {', '.join(s.dtypes) or '-'}\n"
-        f"  read {s.bytes_read / 1e9:.3f} GB, wrote {s.bytes_written / 1e9:.3f} GB in {s.seconds:.1f} s "
-        f"({rate:.2f} GB/s); peak RSS {s.peak_rss_bytes / 2**20:.0f} MiB"
+        f"  read {human(s.bytes_read)}, wrote {human(s.bytes_written)} in {s.seconds:.1f} s "
+        f"({human(rate)}/s); peak RSS {s.peak_rss_bytes / 2**20:.0f} MiB"
     )
 
 
@@ -112,8 +120,8 @@ class Progress:
 
     def start(self, plan: Plan) -> None:
         self.total, self.began = plan.total_size, time.monotonic()
-        print(f"planned {len(plan.tensors)} tensors, {len(plan.shards)} shard(s), {plan.total_size / 1e9:.3f} GB "
-              f"to write in {len(plan.chunks)} chunks", file=self.stream)
+        print(f"planned {len(plan.tensors)} tensors, {len(plan.shards)} shard(s), {human(plan.total_size)} to write "
+              f"in {len(plan.chunks)} chunks", file=self.stream)
         if self.stream.isatty():
             from tqdm import tqdm
 
@@ -130,7 +138,7 @@ class Progress:
             elapsed = now - self.began
             rate = self.done / elapsed if elapsed > 0 else 0.0
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            print(f"  {self.done / 1e9:.2f}/{self.total / 1e9:.2f} GB, {rate / 1e6:.0f} MB/s, ETA {eta:.0f} s",
+            print(f"  {human(self.done)} of {human(self.total)}, {human(rate)}/s, ETA {eta:.0f} s",
                   file=self.stream, flush=True)
 
     def close(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 
 import torch
@@ -68,6 +69,14 @@ def write_checkpoint(folder: str, tensors: dict[str, torch.Tensor], config: dict
 
 def run_demo(alpha: float, keep: str | None = None) -> int:
     root = keep or tempfile.mkdtemp(prefix="expo-demo-")
+    try:
+        return _demo(root, alpha, overwrite=keep is not None)
+    finally:
+        if keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _demo(root: str, alpha: float, overwrite: bool) -> int:
     sft_dir, aligned_dir, out_dir = (os.path.join(root, n) for n in ("sft", "aligned", "expo"))
     sft = llama_state_dict(CONFIG, seed=0)
     # "Alignment": a small change on top of the SFT weights, as DPO makes.
@@ -77,20 +86,23 @@ def run_demo(alpha: float, keep: str | None = None) -> int:
     write_checkpoint(aligned_dir, aligned, CONFIG, shards=3)
     n = sum(t.numel() for t in sft.values())
     print(f"built a tiny Llama-shaped pair ({n:,} parameters each, bf16) in {root}")
-    print(f"  sft:     {sft_dir} (1 file)\n  aligned: {aligned_dir} (3 shards)")
+    print(f"  sft:     {sft_dir} (1 file)\n  aligned: {aligned_dir} (3 shards, cut differently)")
 
     summary = extrapolate(sft_dir, aligned_dir, alpha, out_dir, max_shard_size="100KB", chunk_bytes=16 * 1024,
-                          overwrite=keep is not None)
+                          overwrite=overwrite)
     print(describe(summary))
+    print(f"  files: {', '.join(sorted(summary.files))} and expo.json")
 
-    worst, checked = 0.0, 0
     out = {}
     for name in summary.files:
         if name.endswith(".safetensors"):
             out |= load_file(os.path.join(out_dir, name))
-    for k in sft:
-        worst = max(worst, error_steps(out[k], sft[k], aligned[k], alpha).max().item())
-        checked += out[k].numel()
-    print(f"checked {checked:,} elements against the float64 formula rounded once: worst {worst:g} bf16 step(s)")
-    print(f"files: {', '.join(sorted(summary.files))}")
-    return 0 if worst <= 1 else 1
+    worst = max(error_steps(out[k], sft[k], aligned[k], alpha).max().item() for k in sft)
+    ok = worst <= 1
+    print(f"checked all {n:,} elements against the float64 formula rounded once to bf16: "
+          f"{'all within one step' if ok else 'FAILED'} (worst {worst:.2f} step)")
+    if overwrite:
+        print(f"kept everything in {root}")
+    else:
+        print("removed the temp folder (expo demo --keep DIR keeps the files)")
+    return 0 if ok else 1
