@@ -13,7 +13,7 @@ from .errors import OptionError
 from .executor import check_copies, execute
 from .plan import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_SHARD_SIZE, Plan, make_plan
 from .sources import Checkpoint, open_checkpoint
-from .writer import Staging, check_output_path
+from .writer import Staging, check_output_path, side_files
 
 FORMULA = "theta_expo = theta_aligned + alpha * (theta_aligned - theta_sft)"
 
@@ -69,13 +69,14 @@ def extrapolate(
     out_path = check_output_path(out, [sft_ck.path, aligned_ck.path], overwrite)
     plan = make_plan(sft_ck, aligned_ck, alpha, dtype=dtype, max_shard_size=max_shard_size, chunk_bytes=chunk_bytes)
     check_copies(plan)
+
+    side = side_files(aligned_ck, dtypes.CONFIG_NAMES[dtypes.CLI_NAMES[dtype.lower()]] if dtype else None)
     if on_plan:
         on_plan(plan)
 
-    config_dtype = dtypes.CONFIG_NAMES[dtypes.CLI_NAMES[dtype.lower()]] if dtype else None
     with Staging(out_path, plan) as staging:
         execute(plan, staging, on_progress)
-        files = staging.finish(aligned_ck, provenance(plan, sft_ck, aligned_ck), config_dtype)
+        files = staging.finish(side, provenance(plan, sft_ck, aligned_ck))
     n_extra = sum(t.action == "extrapolate" for t in plan.tensors)
     return Summary(
         out=out_path,

@@ -12,9 +12,17 @@ from .errors import ExpoError
 from .plan import DEFAULT_MAX_SHARD_SIZE, Plan
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors in the same one-line form as every other user error."""
+
+    def error(self, message):
+        print(f"expo: error: {message} (see: {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_glue_negative_numbers(sys.argv[1:] if argv is None else argv))
     try:
         return args.run(args)
     except ExpoError as e:
@@ -26,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="expo", description=f"ExPO model extrapolation: {FORMULA}")
+    p = _Parser(prog="expo", description=f"ExPO model extrapolation: {FORMULA}")
     p.add_argument("--version", action="version", version=f"expo_engine {__version__}")
     sub = p.add_subparsers(required=True, metavar="COMMAND")
 
@@ -53,6 +61,17 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--keep", metavar="DIR", help="build in DIR and keep everything (default: a temp folder)")
     d.set_defaults(run=_run_demo)
     return p
+
+
+def _glue_negative_numbers(argv: list[str]) -> list[str]:
+    """`--alpha -1e-3` -> `--alpha=-1e-3`: argparse takes some negative numbers (exponent forms) for options."""
+    out = []
+    for arg in argv:
+        if out and out[-1] == "--alpha" and arg.startswith("-"):
+            out[-1] = f"--alpha={arg}"
+        else:
+            out.append(arg)
+    return out
 
 
 def _finite(text: str) -> float:

@@ -242,7 +242,7 @@ def parse_safetensors_header(raw: bytes, file_size: int, path: str = "<header>")
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise FormatError(f"{path}: tensor '{name}' needs exactly dtype, shape and data_offsets")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in dtypes.TORCH:
+        if not isinstance(dtype, str) or dtype not in dtypes.TORCH:
             raise FormatError(f"{path}: tensor '{name}' has unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
             raise FormatError(f"{path}: tensor '{name}' has a bad shape {shape!r}")
@@ -348,7 +348,7 @@ class _LayoutUnpickler(pickle.Unpickler):
         _, storage_type, key, _location, numel = pid
         if not isinstance(storage_type, _StorageType):
             raise FormatError(f"{self.path}: storage {key} has an unsupported type")
-        return _StorageRef(str(key), storage_type.dtype, int(numel))
+        return _StorageRef(str(key), storage_type.dtype, numel)
 
 
 def read_bin_layout(path: str) -> list[TensorSlot]:
@@ -379,13 +379,18 @@ def read_bin_layout(path: str) -> list[TensorSlot]:
         raise FormatError(
             f"{path}: not a zip archive; legacy (pre-1.6) PyTorch files are not supported, re-save with torch.save"
         ) from None
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
-        raise FormatError(f"{path}: cannot read it as a PyTorch weights file ({e})") from None
+    except FormatError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the pickle and the zip are untrusted input: any failure is theirs
+        raise FormatError(f"{path}: cannot read it as a PyTorch weights file ({type(e).__name__}: {e})") from None
     slots.sort(key=lambda s: s.offset)
     return slots
 
 
 def _bin_slot(path: str, name: str, ref: _TensorRef, info: zipfile.ZipInfo, raw) -> TensorSlot:
+    if not (all(_is_uint(d) for d in ref.shape) and all(_is_uint(d) for d in ref.stride)
+            and len(ref.stride) == len(ref.shape) and _is_uint(ref.storage_offset) and _is_uint(ref.storage.numel)):
+        raise FormatError(f"{path}: tensor '{name}' has an impossible shape, stride or offset")
     itemsize = dtypes.itemsize(ref.storage.dtype)
     if info.compress_type != zipfile.ZIP_STORED:
         raise FormatError(f"{path}: storage of '{name}' is compressed; re-save it with torch.save")
@@ -398,7 +403,7 @@ def _bin_slot(path: str, name: str, ref: _TensorRef, info: zipfile.ZipInfo, raw)
     for d in reversed(ref.shape):
         expected_stride.append(acc)
         acc *= d
-    if any(d > 1 and s != e for d, s, e in zip(ref.shape, ref.stride, reversed(expected_stride), strict=True)):
+    if any(d > 1 and s != e for d, s, e in zip(ref.shape, ref.stride, reversed(expected_stride), strict=False)):
         raise FormatError(f"{path}: tensor '{name}' is stored non-contiguously; re-save it with .contiguous()")
     # The record's data begins after its local file header: 30 fixed bytes, then the name and the extra field.
     raw.seek(info.header_offset)

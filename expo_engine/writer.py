@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 
-from .errors import OutputError
+from .errors import FormatError, OutputError
 from .plan import INDEX_NAME, Plan
 from .sources import SIDE_FILE_PATTERNS, Checkpoint
 
@@ -22,27 +22,61 @@ PROVENANCE_NAME = "expo.json"
 CARD_NAME = "README.md"
 
 
+def staging_path(out: str) -> str:
+    parent, name = os.path.split(out)
+    return os.path.join(parent, f".{name}.expo-staging")
+
+
+def old_path(out: str) -> str:
+    """Where a replaced output waits, during --overwrite, until the new one is in place."""
+    parent, name = os.path.split(out)
+    return os.path.join(parent, f".{name}.expo-old")
+
+
+def _within(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
+
+
 def check_output_path(out: str, inputs: list[str], overwrite: bool) -> str:
     """Return the absolute output path after refusing every unusable one. Creates nothing."""
     out_abs = os.path.abspath(os.path.expanduser(out))
     real = os.path.join(os.path.realpath(os.path.dirname(out_abs)), os.path.basename(out_abs))
-    for src in inputs:
-        if real == src or real.startswith(src + os.sep):
-            raise OutputError(f"output {out} is inside the input checkpoint {src}; choose a folder outside it")
-        if src.startswith(real + os.sep):
-            raise OutputError(f"output {out} contains the input checkpoint {src}; choose another folder")
+    if os.path.dirname(real) == real:
+        raise OutputError(f"output {out} is the filesystem root; choose a folder")
+    # The engine also writes (and on failure removes) the staging and old folders beside the output.
+    for path in (real, staging_path(real), old_path(real)):
+        for src in inputs:
+            if _within(path, src):
+                raise OutputError(f"output {out} is inside the input checkpoint {src}; choose a folder outside it")
+            if _within(src, path):
+                raise OutputError(f"output {out} would replace or contain the input checkpoint {src}; "
+                                  "choose another folder")
     if os.path.lexists(out_abs):
         if not os.path.isdir(out_abs) or os.path.islink(out_abs):
             raise OutputError(f"output {out} exists and is not a folder; remove it or choose another path")
         if os.listdir(out_abs) and not overwrite:
             raise OutputError(f"output {out} exists and is not empty; pass --overwrite to replace it")
-    parent = os.path.dirname(out_abs)
-    probe = parent
+    probe = os.path.dirname(out_abs)
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
         raise OutputError(f"cannot create {out}: {probe} is not a writable folder")
     return out_abs
+
+
+def side_files(aligned: Checkpoint, config_dtype: str | None) -> dict[str, bytes]:
+    """The aligned model's config, generation config and tokenizer files, read (and config.json updated) up front
+    so that a bad one is refused before any output byte."""
+    files = {}
+    for name in sorted(os.listdir(aligned.path)):
+        src = os.path.join(aligned.path, name)
+        if os.path.isfile(src) and any(fnmatch.fnmatch(name, p) for p in SIDE_FILE_PATTERNS):
+            with open(src, "rb") as f:
+                files[name] = f.read()
+    if config_dtype and "config.json" in files:
+        files["config.json"] = _set_config_dtype(files["config.json"], config_dtype,
+                                                 os.path.join(aligned.path, "config.json"))
+    return files
 
 
 class Staging:
@@ -51,8 +85,7 @@ class Staging:
     def __init__(self, out: str, plan: Plan):
         self.out = out
         self.plan = plan
-        parent, name = os.path.split(out)
-        self.dir = os.path.join(parent, f".{name}.expo-staging")
+        self.dir = staging_path(out)
         self._fds: dict[str, int] = {}
         self._hashes: dict[str, object] = {}
         self._next: dict[str, int] = {}  # the offset at which each shard's running hash continues
@@ -92,10 +125,10 @@ class Staging:
         else:
             self._next[shard] = -1  # out of order: hash it by reading it back in finish()
 
-    def finish(self, aligned: Checkpoint, provenance: dict, config_dtype: str | None) -> dict[str, dict]:
+    def finish(self, side: dict[str, bytes], provenance: dict) -> dict[str, dict]:
         """Fsync the shards, add side files, index, card and provenance, and rename the staging folder into place.
 
-        Returns {file name: {"size", "sha256"}} of everything written.
+        Returns {file name: {"size", "sha256"}} of everything written but expo.json itself.
         """
         checksums = {}
         for shard in self.plan.shards:
@@ -104,13 +137,8 @@ class Staging:
             if self._next[shard.filename] != shard.size:
                 self._hashes[shard.filename] = _hash_fd(fd)
             checksums[shard.filename] = {"size": shard.size, "sha256": self._hashes[shard.filename].hexdigest()}
-        for name in sorted(os.listdir(aligned.path)):
-            src = os.path.join(aligned.path, name)
-            if os.path.isfile(src) and any(fnmatch.fnmatch(name, p) for p in SIDE_FILE_PATTERNS):
-                data = _read(src)
-                if name == "config.json" and config_dtype:
-                    data = _set_config_dtype(data, config_dtype, src)
-                checksums[name] = self._put(name, data)
+        for name, data in side.items():
+            checksums[name] = self._put(name, data)
         if len(self.plan.shards) > 1:
             index = {"metadata": {"total_size": self.plan.total_size}, "weight_map": self.plan.weight_map}
             checksums[INDEX_NAME] = self._put(INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
@@ -132,7 +160,7 @@ class Staging:
         parent = os.path.dirname(self.out)
         old = None
         if os.path.isdir(self.out) and os.listdir(self.out):  # --overwrite was checked before staging began
-            old = os.path.join(parent, f".{os.path.basename(self.out)}.expo-old")
+            old = old_path(self.out)
             if os.path.lexists(old):
                 shutil.rmtree(old)
             os.rename(self.out, old)
@@ -195,16 +223,13 @@ def _hash_fd(fd: int):
     return h
 
 
-def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
 def _set_config_dtype(data: bytes, torch_dtype: str, path: str) -> bytes:
     try:
-        config = json.loads(data)
-    except json.JSONDecodeError as e:
-        raise OutputError(f"{path}: not valid JSON, cannot record the output dtype in it ({e})") from None
+        config = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: not valid JSON, so the output dtype cannot be recorded in it ({e})") from None
+    if not isinstance(config, dict):
+        raise FormatError(f"{path}: is not a JSON object, so the output dtype cannot be recorded in it")
     keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
     for k in keys:
         config[k] = torch_dtype
