@@ -89,6 +89,8 @@ def parse_size(size: int | str) -> int:
     """`5GB`, `500MB`, `2KB` (decimal units, as huggingface_hub uses) or a plain number of bytes."""
     if isinstance(size, int):
         value = size
+    elif size.strip().startswith("-"):
+        raise OptionError(f"size {size!r} must be positive")
     else:
         try:
             value = int(size) if size.strip().isdigit() else parse_size_to_int(size)

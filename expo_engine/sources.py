@@ -124,8 +124,8 @@ def _resolve_hub(repo_id: str, revision: str | None) -> tuple[str, str | None]:
     except (LocalEntryNotFoundError, SourceError, OSError, ValueError):
         if constants.HF_HUB_OFFLINE:
             raise SourceError(
-                f"{label} is not complete in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE "
-                "is set; download it first or unset HF_HUB_OFFLINE"
+                f"{label}: no such local folder, and as a Hub repo it is not complete in the Hugging Face cache "
+                f"({constants.HF_HUB_CACHE}) while HF_HUB_OFFLINE is set; check the path, or download it first"
             ) from None
     try:
         listing = HfApi().list_repo_files(repo_id, revision=revision)
@@ -369,6 +369,8 @@ def read_bin_layout(path: str) -> list[TensorSlot]:
                 raise FormatError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
             slots = []
             for name, ref in state.items():
+                if not isinstance(name, str):
+                    raise FormatError(f"{path}: entry {name!r} is not named by a string; not a state dict")
                 if not isinstance(ref, _TensorRef):
                     raise FormatError(f"{path}: entry '{name}' is not a tensor")
                 info = infos.get(f"{prefix}data/{ref.storage.key}")
@@ -376,6 +378,10 @@ def read_bin_layout(path: str) -> list[TensorSlot]:
                     raise FormatError(f"{path}: tensor '{name}' refers to a missing storage record")
                 slots.append(_bin_slot(path, name, ref, info, raw))
     except zipfile.BadZipFile:
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"
+        if zipped:
+            raise FormatError(f"{path}: truncated or corrupt zip archive; re-download or re-save it") from None
         raise FormatError(
             f"{path}: not a zip archive; legacy (pre-1.6) PyTorch files are not supported, re-save with torch.save"
         ) from None

@@ -44,15 +44,21 @@ def check_output_path(out: str, inputs: list[str], overwrite: bool) -> str:
     if os.path.dirname(real) == real:
         raise OutputError(f"output {out} is the filesystem root; choose a folder")
     # The engine also writes (and on failure removes) the staging and old folders beside the output.
-    for path in (real, staging_path(real), old_path(real)):
-        for src in inputs:
-            if _within(path, src):
-                raise OutputError(f"output {out} is inside the input checkpoint {src}; choose a folder outside it")
-            if _within(src, path):
-                raise OutputError(f"output {out} would replace or contain the input checkpoint {src}; "
-                                  "choose another folder")
+    for src in inputs:
+        if real == src:
+            raise OutputError(f"output {out} is the input checkpoint {src}; choose another folder")
+        if _within(real, src):
+            raise OutputError(f"output {out} is inside the input checkpoint {src}; choose a folder outside it")
+        if _within(src, real):
+            raise OutputError(f"output {out} contains the input checkpoint {src}; choose another folder")
+        for temp in (staging_path(real), old_path(real)):
+            if _within(src, temp) or _within(temp, src):
+                raise OutputError(f"output {out} needs {temp} beside it as a temporary folder, but the input "
+                                  f"checkpoint {src} is there; choose another output name")
     if os.path.lexists(out_abs):
-        if not os.path.isdir(out_abs) or os.path.islink(out_abs):
+        if os.path.islink(out_abs):
+            raise OutputError(f"output {out} is a symbolic link; give a real folder path or remove the link")
+        if not os.path.isdir(out_abs):
             raise OutputError(f"output {out} exists and is not a folder; remove it or choose another path")
         if os.listdir(out_abs) and not overwrite:
             raise OutputError(f"output {out} exists and is not empty; pass --overwrite to replace it")

@@ -16,7 +16,6 @@ from expo_engine import extrapolate
 from expo_engine.cli import main
 from expo_engine.kernels import reference
 
-
 ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8}
 
 
@@ -113,9 +112,8 @@ def test_mixed_input_dtypes(tmp_path, pair):
 
 
 def test_output_loads_in_transformers_with_in_memory_logits(pair, tmp_path):
-    from transformers import AutoModelForCausalLM
-
     from helpers import llama_config
+    from transformers import AutoModelForCausalLM
 
     alpha = 0.4
     out = str(tmp_path / "out")
