@@ -8,7 +8,7 @@ import time
 
 from . import __version__
 from .api import FORMULA, Summary, extrapolate
-from .errors import ExpoError
+from .errors import ExpoError, OptionError
 from .plan import DEFAULT_MAX_SHARD_SIZE, Plan
 
 
@@ -56,6 +56,28 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     x.set_defaults(run=_run_extrapolate)
 
+    n = sub.add_parser("norms", help="parameter-change norms between checkpoints (every pair), per tensor/layer/kind",
+                       description="For each pair (A, B) and tensor: ||B-A||_F, RMS change ||B-A||_F/sqrt(n), "
+                                   "||B-A||_F/n, relative change ||B-A||_F/||A||_F, cosine(A, B), max |B-A|; "
+                                   "float64 sums, aggregated per layer, module kind and (layer, kind).")
+    n.add_argument("sources", nargs="+", metavar="SRC", help="two or more checkpoints (folders or org/name[@rev])")
+    n.add_argument("--json", metavar="FILE", help="write everything, machine-readable")
+    n.add_argument("--csv", metavar="FILE", help="write one row per tensor and pair")
+    n.add_argument("--markdown", metavar="FILE", help="write the aggregate tables as Markdown")
+    n.add_argument("--plot", metavar="FILE.png", help="plot relative change per layer and kind (needs matplotlib)")
+    n.add_argument("--chunk-mb", type=_positive, default=64.0, metavar="N", help="read chunk size in MiB")
+    n.set_defaults(run=_run_norms)
+
+    v = sub.add_parser("verify", help="check an output folder: index, headers, checksums, and every element",
+                       description="Structure and checksums always; with --sft and --aligned, every output element "
+                                   "against the float64 formula rounded once (within one output-dtype step).")
+    v.add_argument("out", metavar="OUT", help="an output folder written by expo extrapolate")
+    v.add_argument("--sft", metavar="SRC", help="the SFT checkpoint it was made from")
+    v.add_argument("--aligned", metavar="SRC", help="the aligned checkpoint it was made from")
+    v.add_argument("--alpha", type=_finite, help="alpha (default: the one recorded in expo.json)")
+    v.add_argument("--sample", type=_positive, metavar="F", help="check a random fraction F of the chunks")
+    v.set_defaults(run=_run_verify)
+
     d = sub.add_parser("demo", help="build a tiny SFT/aligned pair in a temp folder, extrapolate it, check it")
     d.add_argument("--alpha", type=_finite, default=0.3, help="extrapolation strength (default %(default)s)")
     d.add_argument("--keep", metavar="DIR", help="build in DIR and keep everything (default: a temp folder)")
@@ -101,6 +123,43 @@ def _run_extrapolate(args) -> int:
     progress.close()
     print(describe(summary))
     return 0
+
+
+def _run_norms(args) -> int:
+    import csv
+    import json
+
+    from . import norms
+
+    if len(args.sources) < 2:
+        raise OptionError("expo norms needs at least two checkpoints")
+    if args.plot:
+        norms.check_plotting()
+    reports = norms.norms(args.sources, chunk_bytes=max(1, int(args.chunk_mb * 2**20)))
+    print("\n\n".join(norms.table(r) for r in reports))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"engine_version": __version__, "inputs": args.sources,
+                       "pairs": [r.as_dict() for r in reports]}, f, indent=1)
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            csv.writer(f).writerows(norms.csv_rows(reports))
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(norms.markdown(reports))
+    if args.plot:
+        norms.plot(reports, args.plot)
+    return 0
+
+
+def _run_verify(args) -> int:
+    from .verify import format_report, verify
+
+    if (args.sft is None) != (args.aligned is None):
+        raise OptionError("give both --sft and --aligned to check elements, or neither to check structure only")
+    report = verify(args.out, sft=args.sft, aligned=args.aligned, alpha=args.alpha, sample=args.sample)
+    print(format_report(report))
+    return 0 if report.ok else 1
 
 
 def _run_demo(args) -> int:

@@ -1,0 +1,267 @@
+"""Parameter-change norms between checkpoints: per tensor, per layer, per module kind, per (layer, kind).
+
+For a pair (A, B) and each tensor, with D = B - A and n elements, sums are accumulated in float64:
+
+    ||D||_F,  ||D||_F / sqrt(n) (RMS change),  ||D||_F / n,  ||D||_F / ||A||_F (relative),  cos(A, B),  max |D|
+
+These are the quantities of the ExPO paper's Table 1 (Frobenius norm and its size-normalised variant). Reading is
+streamed like extrapolation: chunks of at most `chunk_bytes`, read with pread into reused buffers.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from . import dtypes
+from .errors import MismatchError
+from .executor import _Buffers, _Inputs
+from .sources import Checkpoint, open_checkpoint
+
+BLOCK = 1 << 20  # float64 scratch, in elements
+
+
+@dataclass
+class Stats:
+    """Float64 sums over a set of elements; mergeable, so aggregates are exact sums of their tensors' sums."""
+
+    n: int = 0
+    d2: float = 0.0  # sum (b - a)^2
+    a2: float = 0.0
+    b2: float = 0.0
+    ab: float = 0.0
+    max_abs: float = 0.0
+
+    def add(self, other: Stats) -> None:
+        self.n += other.n
+        self.d2 += other.d2
+        self.a2 += other.a2
+        self.b2 += other.b2
+        self.ab += other.ab
+        self.max_abs = max(self.max_abs, other.max_abs)
+
+    def summary(self) -> dict[str, float]:
+        fro = math.sqrt(self.d2)
+        na, nb = math.sqrt(self.a2), math.sqrt(self.b2)
+        return {
+            "n": self.n,
+            "fro": fro,
+            "rms": fro / math.sqrt(self.n) if self.n else 0.0,
+            "fro_per_n": fro / self.n if self.n else 0.0,
+            "relative": fro / na if na else (0.0 if fro == 0 else math.inf),
+            "cosine": self.ab / (na * nb) if na and nb else (1.0 if na == nb else 0.0),
+            "max_abs": self.max_abs,
+        }
+
+
+def chunk_stats(a: torch.Tensor, b: torch.Tensor, scratch: tuple[torch.Tensor, torch.Tensor] | None = None) -> Stats:
+    """Stats of b - a over two 1-D chunks of any float dtypes, widened to float64 block by block."""
+    n = a.numel()
+    sa, sb = scratch or tuple(torch.empty(min(n, BLOCK), dtype=torch.float64) for _ in range(2))
+    st = Stats(n=n)
+    for start in range(0, n, BLOCK):
+        stop = min(start + BLOCK, n)
+        x = sa[: stop - start].copy_(a[start:stop])
+        y = sb[: stop - start].copy_(b[start:stop])
+        st.a2 += torch.dot(x, x).item()
+        st.b2 += torch.dot(y, y).item()
+        st.ab += torch.dot(x, y).item()
+        y.sub_(x)
+        st.d2 += torch.dot(y, y).item()
+        st.max_abs = max(st.max_abs, y.abs().max().item())
+    return st
+
+
+def reference_stats(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    """The same numbers computed directly in float64, for tests."""
+    a, b = a.double().flatten(), b.double().flatten()
+    d = b - a
+    return Stats(a.numel(), (d * d).sum().item(), (a * a).sum().item(), (b * b).sum().item(), (a * b).sum().item(),
+                 d.abs().max().item() if d.numel() else 0.0).summary()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Names -> (layer, kind)
+
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)\.")
+_KINDS = [  # first match wins; patterns are searched in the tensor name
+    ("qkv", r"(?:c_attn|query_key_value|qkv_proj|Wqkv|in_proj)"),
+    ("q", r"(?:q_proj|\.query\b|\.wq\b|q_lin)"),
+    ("k", r"(?:k_proj|\.key\b|\.wk\b|k_lin)"),
+    ("v", r"(?:v_proj|\.value\b|\.wv\b|v_lin)"),
+    ("o", r"(?:o_proj|out_proj|\.wo\b|attn\.c_proj|attention\.dense|attention\.output\.dense|self_attn\.dense)"),
+    ("mlp", r"(?:mlp|feed_forward|ffn|gate_proj|up_proj|down_proj|fc1|fc2|c_fc|dense_h_to_4h|dense_4h_to_h|\.w[123]\b"
+            r"|experts)"),
+    ("norm", r"(?:norm|ln_|\.ln\d*\b|layernorm)"),
+    ("embed", r"(?:embed|wte|wpe|word_embeddings|tok_embeddings|position_embeddings)"),
+    ("head", r"(?:lm_head|^output\.|score\.|classifier)"),
+]
+_KIND_RES = [(k, re.compile(p)) for k, p in _KINDS]
+KINDS = [k for k, _ in _KINDS] + ["other"]
+
+
+def classify(name: str) -> tuple[int | None, str]:
+    """(layer index or None, module kind) from a tensor name; unknown names fall back to kind 'other'."""
+    m = _LAYER.search(name)
+    layer = int(m.group(1)) if m else None
+    for kind, pattern in _KIND_RES:
+        if pattern.search(name):
+            return layer, kind
+    return layer, "other"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reports
+
+
+@dataclass
+class PairReport:
+    a: str
+    b: str
+    tensors: dict[str, Stats] = field(default_factory=dict)
+
+    def aggregates(self) -> dict[str, dict]:
+        total, by_layer, by_kind, by_layer_kind = Stats(), {}, {}, {}
+        for name, st in self.tensors.items():
+            layer, kind = classify(name)
+            total.add(st)
+            by_kind.setdefault(kind, Stats()).add(st)
+            if layer is not None:
+                by_layer.setdefault(layer, Stats()).add(st)
+                by_layer_kind.setdefault(f"{layer}/{kind}", Stats()).add(st)
+        return {
+            "total": total.summary(),
+            "by_kind": {k: by_kind[k].summary() for k in KINDS if k in by_kind},
+            "by_layer": {str(k): by_layer[k].summary() for k in sorted(by_layer)},
+            "by_layer_kind": {k: v.summary() for k, v in sorted(by_layer_kind.items(),
+                                                                  key=lambda kv: (int(kv[0].split("/")[0]), kv[0]))},
+        }
+
+    def as_dict(self) -> dict:
+        return {"a": self.a, "b": self.b, **self.aggregates(),
+                "tensors": {n: {**dict(zip(("layer", "kind"), classify(n), strict=True)), **st.summary()}
+                            for n, st in self.tensors.items()}}
+
+
+def compare(a: Checkpoint, b: Checkpoint, chunk_bytes: int = 64 * 2**20) -> PairReport:
+    """Stream both checkpoints once and return per-tensor stats of b - a (float tensors; others are skipped)."""
+    only_a = [n for n in a.tensors if n not in b.tensors]
+    only_b = [n for n in b.tensors if n not in a.tensors]
+    if only_a or only_b:
+        raise MismatchError(f"{a.source} and {b.source} hold different tensors (only in the first: "
+                            f"{', '.join(only_a[:5]) or '-'}; only in the second: {', '.join(only_b[:5]) or '-'})")
+    report = PairReport(a.source, b.source)
+    inputs = _Inputs([t.file for t in a.tensors.values()] + [t.file for t in b.tensors.values()])
+    bufs = _Buffers(chunk_bytes)
+    scratch = (torch.empty(BLOCK, dtype=torch.float64), torch.empty(BLOCK, dtype=torch.float64))
+    try:
+        for name, ta in a.tensors.items():
+            tb = b.tensors[name]
+            if ta.shape != tb.shape:
+                raise MismatchError(f"tensor '{name}' has shape {list(ta.shape)} in {a.source} but "
+                                    f"{list(tb.shape)} in {b.source}")
+            if ta.dtype not in dtypes.FLOATS or tb.dtype not in dtypes.FLOATS:
+                continue
+            st = Stats()
+            step = max(1, chunk_bytes // max(dtypes.itemsize(ta.dtype), dtypes.itemsize(tb.dtype)))
+            for start in range(0, ta.numel, step):
+                stop = min(start + step, ta.numel)
+                st.add(chunk_stats(inputs.read_into(bufs.sft, ta, start, stop),
+                                   inputs.read_into(bufs.aligned, tb, start, stop), scratch))
+            report.tensors[name] = st
+        inputs.check_unchanged()
+    finally:
+        inputs.close()
+    return report
+
+
+def norms(sources: list[str], chunk_bytes: int = 64 * 2**20) -> list[PairReport]:
+    """Every pair (i < j) of the given checkpoints, as in the paper's Table 1."""
+    cks = [open_checkpoint(s) for s in sources]
+    return [compare(cks[i], cks[j], chunk_bytes) for i in range(len(cks)) for j in range(i + 1, len(cks))]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Renderings
+
+COLUMNS = ["fro", "rms", "fro_per_n", "relative", "cosine", "max_abs"]
+
+
+def table(report: PairReport) -> str:
+    agg = report.aggregates()
+    rows = [("total", agg["total"])] + [(f"kind {k}", v) for k, v in agg["by_kind"].items()]
+    rows += [(f"layer {k}", v) for k, v in agg["by_layer"].items()]
+    head = f"{'':<14}" + "".join(f"{c:>13}" for c in ["n", *COLUMNS])
+    lines = [f"{report.a}  ->  {report.b}", head]
+    for label, s in rows:
+        lines.append(f"{label:<14}{s['n']:>13,}" + "".join(f"{s[c]:>13.4e}" for c in COLUMNS))
+    return "\n".join(lines)
+
+
+def markdown(reports: list[PairReport]) -> str:
+    out = []
+    for r in reports:
+        agg = r.aggregates()
+        out.append(f"## `{r.a}` → `{r.b}`\n")
+        out.append("| group | n | " + " | ".join(COLUMNS) + " |")
+        out.append("|---|---:|" + "---:|" * len(COLUMNS))
+        rows = [("total", agg["total"])] + [(f"kind {k}", v) for k, v in agg["by_kind"].items()]
+        rows += [(f"layer {k}", v) for k, v in agg["by_layer"].items()]
+        for label, s in rows:
+            out.append(f"| {label} | {s['n']} | " + " | ".join(f"{s[c]:.4e}" for c in COLUMNS) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def csv_rows(reports: list[PairReport]) -> list[list]:
+    rows = [["a", "b", "tensor", "layer", "kind", "n", *COLUMNS]]
+    for r in reports:
+        for name, st in r.tensors.items():
+            layer, kind = classify(name)
+            s = st.summary()
+            rows.append([r.a, r.b, name, "" if layer is None else layer, kind, s["n"], *(s[c] for c in COLUMNS)])
+    return rows
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from .errors import OptionError
+
+        raise OptionError("--plot needs matplotlib: pip install 'expo-engine[plot]'") from None
+    return plt
+
+
+def check_plotting() -> None:
+    """Fail before any reading when --plot cannot be honoured."""
+    _pyplot()
+
+
+def plot(reports: list[PairReport], path: str) -> None:
+    """Relative change per layer, one line per module kind, one panel per pair. Needs the `plot` extra."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(len(reports), 1, figsize=(8, 3.2 * len(reports)), squeeze=False)
+    for ax, r in zip(axes[:, 0], reports, strict=True):
+        per = r.aggregates()["by_layer_kind"]
+        for kind in KINDS:
+            pts = sorted((int(k.split("/")[0]), v["relative"]) for k, v in per.items() if k.endswith("/" + kind))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=kind)
+        ax.set_title(f"{r.a} → {r.b}", fontsize=9)
+        ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("||B−A||F / ||A||F")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
