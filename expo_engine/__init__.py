@@ -16,7 +16,9 @@ from .errors import (  # noqa: E402
     SourceError,
 )
 from .plan import Plan, make_plan  # noqa: E402
+from .norms import norms  # noqa: E402
 from .sources import Checkpoint, open_checkpoint  # noqa: E402
+from .verify import VerifyReport, verify  # noqa: E402
 
 __all__ = [
     "Checkpoint",
@@ -29,8 +31,11 @@ __all__ = [
     "Plan",
     "SourceError",
     "Summary",
+    "VerifyReport",
     "__version__",
     "extrapolate",
     "make_plan",
+    "norms",
     "open_checkpoint",
+    "verify",
 ]

@@ -80,6 +80,7 @@ class _Buffers:
     """One set of chunk buffers. `torch.empty` reserves address space only; pages become resident when used."""
 
     def __init__(self, nbytes: int):
+        nbytes = max(nbytes, 8)  # a chunk is at least one element of the widest dtype
         self.sft = torch.empty(nbytes, dtype=torch.uint8)
         self.aligned = torch.empty(nbytes, dtype=torch.uint8)
         self.out = torch.empty(nbytes, dtype=torch.uint8)
