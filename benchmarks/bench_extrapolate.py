@@ -3,9 +3,9 @@
     python benchmarks/bench_extrapolate.py --size-gb 4 --workdir /work/bench-work [--repeat 3] [--markdown FILE]
 
 Builds (once, cached in --workdir) a Llama-shaped bf16 SFT/aligned pair of about --size-gb GB in all, written
-tensor block by tensor block as HF-style shards. Every measurement runs in a fresh wrapper process (this file with
-`_measure`) that starts the command, sums the RSS of the command's whole process tree every 50 ms, and reports
-that peak, the wall time and getrusage(RUSAGE_CHILDREN).ru_maxrss. The page cache is dropped before each one.
+block by block as HF-style shards. Each measurement runs in a fresh wrapper process (this file with `_measure`)
+that starts the command, sums the RSS of its whole process tree every 50 ms, and reports that peak, the wall time
+and getrusage(RUSAGE_CHILDREN).ru_maxrss. The page cache is dropped before each one when permitted.
 Keep --workdir outside the repository: it holds several GB.
 """
 
@@ -29,6 +29,7 @@ import zlib
 HIDDEN, INTER, HEADS, KV_HEADS, VOCAB = 2048, 5632, 32, 4, 128256  # TinyLlama widths with the Llama 3 vocabulary
 BLOCK = 16 << 20  # elements generated at a time while building
 ALPHA = 0.3
+INDEX = "model.safetensors.index.json"
 
 
 def llama_shapes(layers: int) -> dict[str, tuple[int, ...]]:
@@ -46,69 +47,59 @@ def llama_shapes(layers: int) -> dict[str, tuple[int, ...]]:
     return shapes | {"model.norm.weight": (h,), "lm_head.weight": (VOCAB, h)}
 
 
-def layers_for(size_gb: float) -> int:
-    """Layers that make each model about size_gb / 2 GB (bf16)."""
-    fixed = 2 * sum(numel(s) for s in llama_shapes(0).values())
-    per_layer = 2 * sum(numel(s) for s in llama_shapes(1).values()) - fixed
-    return max(1, round((size_gb * 1e9 / 2 - fixed) / per_layer))
-
-
-def numel(shape) -> int:
-    return math.prod(shape)
+def model_bytes(layers: int) -> int:
+    return sum(2 * math.prod(s) for s in llama_shapes(layers).values())
 
 
 def block(name: str, start: int, stop: int, aligned: bool):
     """Elements [start, stop) of a tensor, the same whenever asked: SFT weights, or SFT plus a small DPO-like drift."""
     import torch
 
-    seed = zlib.crc32(name.encode()) * 100_003 + start // BLOCK
-    x = torch.randn(stop - start, generator=torch.Generator().manual_seed(2 * seed)) * 0.02
+    seed = 2 * (zlib.crc32(name.encode()) * 100_003 + start // BLOCK)
+    x = torch.randn(stop - start, generator=torch.Generator().manual_seed(seed)) * 0.02
     if aligned:
-        x += torch.randn(stop - start, generator=torch.Generator().manual_seed(2 * seed + 1)) * 0.002
+        x += torch.randn(stop - start, generator=torch.Generator().manual_seed(seed + 1)) * 0.002
     return x.to(torch.bfloat16).view(torch.uint8).numpy()
 
 
 def write_checkpoint(folder: str, shapes: dict, n_shards: int, aligned: bool, layers: int) -> None:
     """Like save_pretrained: split in state-dict order by size, each file sorted by name, plus index and config."""
     os.makedirs(folder)
-    total = sum(2 * numel(s) for s in shapes.values())
-    groups, size = [[]], 0
-    for n in shapes:  # save_pretrained's rule, with a cap of total / n_shards: a new file when the next one overflows
-        if size and size + 2 * numel(shapes[n]) > total / n_shards and len(groups) < n_shards:
+    nbytes = {n: 2 * math.prod(s) for n, s in shapes.items()}
+    total, groups, size = sum(nbytes.values()), [[]], 0
+    for n in shapes:  # a new file when the next tensor would overflow total / n_shards
+        if size and size + nbytes[n] > total / n_shards and len(groups) < n_shards:
             groups, size = [*groups, []], 0
         groups[-1].append(n)
-        size += 2 * numel(shapes[n])
+        size += nbytes[n]
     weight_map = {}
     for k, group in enumerate(groups):
         file = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
         header, offset = {"__metadata__": {"format": "pt"}}, 0
         for n in sorted(group):
-            nbytes = 2 * numel(shapes[n])
-            header[n] = {"dtype": "BF16", "shape": list(shapes[n]), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
+            header[n] = {"dtype": "BF16", "shape": list(shapes[n]), "data_offsets": [offset, offset + nbytes[n]]}
+            offset += nbytes[n]
             weight_map[n] = file
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
         with open(os.path.join(folder, file), "wb") as f:
             f.write(len(raw).to_bytes(8, "little") + raw)
             for n in sorted(group):
-                for start in range(0, numel(shapes[n]), BLOCK):
-                    f.write(block(n, start, min(start + BLOCK, numel(shapes[n])), aligned))
-    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
-              "intermediate_size": INTER, "num_hidden_layers": layers, "num_attention_heads": HEADS,
-              "num_key_value_heads": KV_HEADS, "vocab_size": VOCAB, "torch_dtype": "bfloat16",
-              "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "max_position_embeddings": 8192}
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+                for start in range(0, nbytes[n] // 2, BLOCK):
+                    f.write(block(n, start, min(start + BLOCK, nbytes[n] // 2), aligned))
+    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=HIDDEN, intermediate_size=INTER,
+                  num_hidden_layers=layers, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, vocab_size=VOCAB,
+                  torch_dtype="bfloat16", rms_norm_eps=1e-5, tie_word_embeddings=False)
+    for name, data in [(INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map}), ("config.json", config)]:
+        with open(os.path.join(folder, name), "w") as f:
+            json.dump(data, f, indent=2)
 
 
 def ensure_pair(workdir: str, size_gb: float) -> tuple[str, str, dict]:
-    layers = layers_for(size_gb)
-    shapes = llama_shapes(layers)
-    info = {"layers": layers, "hidden": HIDDEN, "intermediate": INTER, "vocab": VOCAB, "tensors": len(shapes),
-            "params": sum(numel(s) for s in shapes.values()), "largest_mib": 2 * VOCAB * HIDDEN / 2**20, "layout": 2}
+    fixed, per_layer = model_bytes(0), model_bytes(1) - model_bytes(0)
+    layers = max(1, round((size_gb * 1e9 / 2 - fixed) / per_layer))  # each model about size_gb / 2
+    info = {"layers": layers, "params": model_bytes(layers) // 2, "largest_mib": 2 * VOCAB * HIDDEN / 2**20,
+            "shape": [HIDDEN, INTER, HEADS, KV_HEADS, VOCAB], "layout": 2}
     root = os.path.join(workdir, f"pair-{size_gb:g}gb")
     stamp = os.path.join(root, "pair.json")
     if os.path.exists(stamp) and json.load(open(stamp)) == info:
@@ -116,8 +107,8 @@ def ensure_pair(workdir: str, size_gb: float) -> tuple[str, str, dict]:
     else:
         shutil.rmtree(root, ignore_errors=True)
         t0 = time.monotonic()
-        write_checkpoint(os.path.join(root, "sft"), shapes, 2, False, layers)
-        write_checkpoint(os.path.join(root, "aligned"), shapes, 5, True, layers)
+        write_checkpoint(os.path.join(root, "sft"), llama_shapes(layers), 2, False, layers)
+        write_checkpoint(os.path.join(root, "aligned"), llama_shapes(layers), 5, True, layers)
         with open(stamp, "w") as f:
             json.dump(info, f)
         print(f"built the pair in {root} in {time.monotonic() - t0:.0f} s", file=sys.stderr)
@@ -141,10 +132,10 @@ def in_memory(sft: str, aligned: str, alpha: float, out: str) -> None:
     for file, names in split.filename_to_tensors.items():
         save_file({n: a[n] for n in names}, os.path.join(out, file), metadata={"format": "pt"})
     if split.is_sharded:
-        with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
+        with open(os.path.join(out, INDEX), "w") as f:
             json.dump({"metadata": split.metadata, "weight_map": split.tensor_to_filename}, f, indent=2)
     shutil.copy(os.path.join(aligned, "config.json"), out)
-    os.sync()
+    os.sync()  # as `cp -r` is followed by `sync` and expo fsyncs: the bytes are on disk when the clock stops
 
 
 def measure(cmd: list[str], log: str) -> None:
@@ -168,19 +159,14 @@ def measure(cmd: list[str], log: str) -> None:
     print(json.dumps({"rc": proc.returncode, "wall": wall, "tree_peak": peak, "ru_maxrss": maxrss}))
 
 
-def drop_caches() -> bool:
+def run_one(cmd: list[str], out: str, workdir: str) -> dict:
     os.sync()
     try:
         with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
+            cold = bool(f.write("3\n"))
     except OSError:
-        return False
-
-
-def run_one(cmd: list[str], out: str, workdir: str) -> dict:
-    cold, load = drop_caches(), os.getloadavg()[0]
-    log = os.path.join(workdir, "last.log")
+        cold = False
+    load, log = os.getloadavg()[0], os.path.join(workdir, "last.log")
     res = subprocess.run([sys.executable, __file__, "_measure", log, "--", *cmd], capture_output=True, text=True)
     r = json.loads(res.stdout.strip().splitlines()[-1])
     if r["rc"] != 0:
@@ -197,14 +183,14 @@ def spot_check(sft: str, aligned: str, out: str) -> float:
     from expo_engine.kernels import reference, steps_off
 
     def rows(folder, name, start, stop):
-        index = os.path.join(folder, "model.safetensors.index.json")
+        index = os.path.join(folder, INDEX)
         file = json.load(open(index))["weight_map"][name] if os.path.exists(index) else "model.safetensors"
         with safe_open(os.path.join(folder, file), "pt") as f:
             return f.get_slice(name)[start:stop]
 
-    chunk_rows = (64 << 20) // (2 * HIDDEN)  # rows of one 64 MiB chunk: check across chunk boundaries
+    edge = (64 << 20) // (2 * HIDDEN)  # the first row of a tensor's second 64 MiB chunk
     checks = [("model.norm.weight", 0, HIDDEN), ("model.layers.0.self_attn.q_proj.weight", 0, HIDDEN),
-              ("lm_head.weight", chunk_rows - 64, chunk_rows + 64), ("model.embed_tokens.weight", VOCAB - 4096, VOCAB)]
+              ("lm_head.weight", edge - 64, edge + 64), ("model.embed_tokens.weight", VOCAB - 4096, VOCAB)]
     worst = 0.0
     for name, start, stop in checks:
         o = rows(out, name, start, stop)
@@ -219,12 +205,20 @@ def table(results: dict[str, list[dict]]) -> str:
             "| ru_maxrss MiB, max | load avg before |", "|---|---|---|---|---|---|---|---|---|"]
     for name, rs in results.items():
         wall, gb = statistics.median(r["wall"] for r in rs), rs[0]["written"] / 1e9
-        walls, loads = fmt(f"{r['wall']:.1f}" for r in rs), fmt(f"{r['load']:.1f}" for r in rs)
         peaks = [r["tree_peak"] / 2**20 for r in rs]
+        walls, loads = fmt(f"{r['wall']:.1f}" for r in rs), fmt(f"{r['load']:.1f}" for r in rs)
         rows.append(f"| {name} | {len(rs)} | {wall:.1f} ({walls}) | {gb:.2f} | {gb / wall:.2f} | {wall / cp:.2f} | "
                     f"{max(peaks):.0f} ({fmt(f'{p:.0f}' for p in peaks)}) | "
                     f"{max(r['ru_maxrss'] for r in rs) / 2**20:.0f} | {loads} |")
     return "\n".join(rows)
+
+
+def engine_revision() -> str:
+    git = ["git", "-C", os.path.dirname(os.path.abspath(__file__))]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "-uno", "--", "../expo_engine"], capture_output=True,
+                           text=True)
+    return f"git {head or '?'}" + (" with uncommitted changes in expo_engine/" if dirty.stdout.strip() else "")
 
 
 def main() -> None:
@@ -235,53 +229,47 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size-gb", type=float, default=4.0, help="SFT + aligned size in GB (default %(default)g)")
     p.add_argument("--workdir", required=True, help="scratch folder outside the repo; the pair is cached here")
-    p.add_argument("--repeat", type=int, default=3, help="runs of expo and of cp (default %(default)s)")
+    p.add_argument("--repeat", type=int, default=3, help="runs of expo and of cp, interleaved (default %(default)s)")
     p.add_argument("--skip-in-memory", action="store_true", help="skip the in-memory baseline (needs ~3x RAM)")
     p.add_argument("--markdown", metavar="FILE", help="append the table, command, date and machine to FILE")
     p.add_argument("--delete-pair", action="store_true", help="remove the cached pair at the end")
     args = p.parse_args()
-    workdir = os.path.abspath(args.workdir)
-    os.makedirs(workdir, exist_ok=True)
+    os.makedirs(workdir := os.path.abspath(args.workdir), exist_ok=True)
     sft, aligned, info = ensure_pair(workdir, args.size_gb)
-    out = os.path.join(workdir, "out")
-    expo = os.path.join(os.path.dirname(sys.executable), "expo")
+    out, expo = os.path.join(workdir, "out"), os.path.join(os.path.dirname(sys.executable), "expo")
     cmds = {
         "expo extrapolate": [expo if os.path.exists(expo) else "expo", "extrapolate", "--sft", sft, "--aligned",
                              aligned, "--alpha", str(ALPHA), "--out", out],
         "cp -r + sync": ["sh", "-c", 'cp -r "$0" "$1" && sync', aligned, out],
-        "in-memory (load_file, fp32, save_file)": [sys.executable, __file__, "_inmemory", sft, aligned, str(ALPHA),
-                                                    out],
+        "in-memory (load_file, fp32, save_file)": [sys.executable, __file__, "_inmemory", sft, aligned,
+                                                    str(ALPHA), out],
     }
-    results, worst = {name: [] for name in cmds}, None
-    plan = [n for _ in range(args.repeat) for n in list(cmds)[:2]] + ([] if args.skip_in_memory else [list(cmds)[2]])
-    for name in plan:
+    names = list(cmds)
+    results, worst = {name: [] for name in names}, None
+    for name in names[:2] * args.repeat + ([] if args.skip_in_memory else names[2:]):
         shutil.rmtree(out, ignore_errors=True)
         r = run_one(cmds[name], out, workdir)
-        if name == "expo extrapolate" and worst is None:
+        if name == names[0] and worst is None:
             worst = spot_check(sft, aligned, out)
         results[name].append(r)
         print(f"{name}: {r['wall']:.1f} s, tree peak {r['tree_peak'] / 2**20:.0f} MiB, "
               f"{'cold' if r['cold'] else 'WARM'} cache", file=sys.stderr, flush=True)
         shutil.rmtree(out, ignore_errors=True)
     results = {k: v for k, v in results.items() if v}
-    cold = all(r["cold"] for rs in results.values() for r in rs)
-    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    own = [f"{r['own']:.1f}" for r in results.get(names[0], []) if r["own"]]
     report = "\n".join([
         f"### {args.size_gb:g} GB pair ({info['params'] / 1e9:.2f} B params per model, {info['layers']} layers, "
-        f"largest tensor {info['largest_mib']:.0f} MiB; SFT in 2 shards, aligned in 5)",
-        "",
+        f"largest tensor {info['largest_mib']:.0f} MiB; SFT in 2 shards, aligned in 5)", "",
         f"- command: `python benchmarks/bench_extrapolate.py {' '.join(sys.argv[1:])}`",
-        f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}; machine: {os.cpu_count()} cores, {mem_gb:.1f} GiB RAM, "
-        f"{platform.platform()}",
-        "- page cache: " + ("dropped before every run (cold)" if cold else
-                            "COULD NOT be dropped (no permission): warm-cache numbers"),
-        f"- expo output vs the float64 formula rounded once (rows of 4 tensors, across a chunk boundary): worst "
-        f"{worst:g} bf16 step(s)" if worst is not None else "",
-        "- expo's own timer (from after its imports to the published folder): "
-        + ", ".join(f"{r['own']:.1f} s" for r in results.get("expo extrapolate", []) if r["own"]),
-        "",
-        table(results),
-        "",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}; machine: {os.cpu_count()} cores, {mem:.1f} GiB RAM, "
+        f"{platform.platform()}; engine: {engine_revision()}",
+        "- page cache: " + ("dropped before every run (cold)" if all(r["cold"] for v in results.values() for r in v)
+                            else "COULD NOT be dropped (no permission): these are WARM-cache numbers"),
+        f"- expo output vs the float64 formula rounded once (rows of 4 tensors, across a chunk edge): worst "
+        f"{worst:g} bf16 step(s)" if worst is not None else "- expo output not checked",
+        f"- expo's own timer (after its imports, to the published folder): {', '.join(own)} s", "",
+        table(results), "",
     ])
     print(report)
     if args.markdown:

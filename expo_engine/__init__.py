@@ -15,8 +15,8 @@ from .errors import (  # noqa: E402
     OutputError,
     SourceError,
 )
-from .plan import Plan, make_plan  # noqa: E402
 from .norms import norms  # noqa: E402
+from .plan import Plan, make_plan  # noqa: E402
 from .sources import Checkpoint, open_checkpoint  # noqa: E402
 from .verify import VerifyReport, verify  # noqa: E402
 
