@@ -15,7 +15,7 @@ from .errors import (  # noqa: E402
     OutputError,
     SourceError,
 )
-from .norms import norms  # noqa: E402
+from .norms import parameter_norms  # noqa: E402
 from .plan import Plan, make_plan  # noqa: E402
 from .sources import Checkpoint, open_checkpoint  # noqa: E402
 from .verify import VerifyReport, verify  # noqa: E402
@@ -35,7 +35,7 @@ __all__ = [
     "__version__",
     "extrapolate",
     "make_plan",
-    "norms",
+    "parameter_norms",
     "open_checkpoint",
     "verify",
 ]

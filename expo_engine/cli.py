@@ -135,7 +135,7 @@ def _run_norms(args) -> int:
         raise OptionError("expo norms needs at least two checkpoints")
     if args.plot:
         norms.check_plotting()
-    reports = norms.norms(args.sources, chunk_bytes=max(1, int(args.chunk_mb * 2**20)))
+    reports = norms.parameter_norms(args.sources, chunk_bytes=max(1, int(args.chunk_mb * 2**20)))
     print("\n\n".join(norms.table(r) for r in reports))
     if args.json:
         with open(args.json, "w") as f:

@@ -178,7 +178,7 @@ def compare(a: Checkpoint, b: Checkpoint, chunk_bytes: int = 64 * 2**20) -> Pair
     return report
 
 
-def norms(sources: list[str], chunk_bytes: int = 64 * 2**20) -> list[PairReport]:
+def parameter_norms(sources: list[str], chunk_bytes: int = 64 * 2**20) -> list[PairReport]:
     """Every pair (i < j) of the given checkpoints, as in the paper's Table 1."""
     cks = [open_checkpoint(s) for s in sources]
     return [compare(cks[i], cks[j], chunk_bytes) for i in range(len(cks)) for j in range(i + 1, len(cks))]

@@ -63,7 +63,7 @@ def test_classify(name, layer, kind):
 
 
 def test_norms_of_a_transformers_pair_match_direct_float64(pair):
-    (report,) = norms.norms([pair.sft, pair.aligned], chunk_bytes=1000)
+    (report,) = norms.parameter_norms([pair.sft, pair.aligned], chunk_bytes=1000)
     names = set(report.tensors)
     assert names and names <= set(pair.aligned_state)
     total_d2 = 0.0
