@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import math
 import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import __version__, dtypes
-from .errors import OptionError
 from .executor import check_copies, execute
-from .plan import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_SHARD_SIZE, Plan, make_plan
+from .plan import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_SHARD_SIZE, Plan, check_alpha, make_plan
 from .sources import Checkpoint, open_checkpoint
 from .writer import Staging, check_output_path, side_files
 
@@ -59,12 +57,7 @@ def extrapolate(
     Raises an :class:`~expo_engine.errors.ExpoError` subclass for every user error.
     """
     started = time.monotonic()
-    try:
-        alpha = float(alpha)
-    except (TypeError, ValueError):
-        raise OptionError(f"alpha must be a number, got {alpha!r}") from None
-    if not math.isfinite(alpha):
-        raise OptionError(f"alpha must be a finite number, got {alpha}")
+    alpha = check_alpha(alpha)
     sft_ck, aligned_ck = open_checkpoint(sft), open_checkpoint(aligned)
     out_path = check_output_path(out, [sft_ck.path, aligned_ck.path], overwrite)
     plan = make_plan(sft_ck, aligned_ck, alpha, dtype=dtype, max_shard_size=max_shard_size, chunk_bytes=chunk_bytes)

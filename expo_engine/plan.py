@@ -85,6 +85,17 @@ class Plan:
         return sorted({t.dtype for t in self.tensors if t.action == "extrapolate"})
 
 
+def check_alpha(alpha) -> float:
+    """alpha as a finite float, or OptionError."""
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        raise OptionError(f"alpha must be a number, got {alpha!r}") from None
+    if not math.isfinite(value):
+        raise OptionError(f"alpha must be a finite number, got {value}")
+    return value
+
+
 def parse_size(size: int | str) -> int:
     """`5GB`, `500MB`, `2KB` (decimal units, as huggingface_hub uses) or a plain number of bytes."""
     if isinstance(size, int):
@@ -111,8 +122,7 @@ def make_plan(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> Plan:
     """Match the checkpoints by tensor name and lay out the output. Raises MismatchError/OptionError."""
-    if not math.isfinite(alpha):
-        raise OptionError(f"alpha must be a finite number, got {alpha}")
+    alpha = check_alpha(alpha)
     if chunk_bytes < 1:
         raise OptionError("the chunk size must be positive")
     out_float = _out_dtype(dtype)

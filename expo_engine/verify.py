@@ -26,7 +26,7 @@ import torch
 from . import dtypes, kernels
 from .errors import FormatError, MismatchError, OptionError, SourceError
 from .executor import _Inputs
-from .plan import _shared_names
+from .plan import _shared_names, check_alpha
 from .sources import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, TensorSlot, open_checkpoint, read_safetensors_layout
 from .writer import PROVENANCE_NAME
 
@@ -155,13 +155,7 @@ def _alpha(alpha, provenance: dict | None) -> float:
         if isinstance(recorded, bool) or not isinstance(recorded, int | float):
             raise OptionError(f"{PROVENANCE_NAME} records no alpha; give the alpha the output was made with")
         alpha = recorded
-    try:
-        alpha = float(alpha)
-    except (TypeError, ValueError):
-        raise OptionError(f"alpha must be a number, got {alpha!r}") from None
-    if not math.isfinite(alpha):
-        raise OptionError(f"alpha must be a finite number, got {alpha}")
-    return alpha
+    return check_alpha(alpha)
 
 
 # ---------------------------------------------------------------------------------------------------------------
