@@ -14,7 +14,6 @@ A damaged output is not an exception: it is a report with `ok` False, each probl
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -28,7 +27,7 @@ from .errors import FormatError, MismatchError, OptionError, SourceError
 from .executor import _Inputs
 from .plan import _shared_names, check_alpha
 from .sources import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, TensorSlot, open_checkpoint, read_safetensors_layout
-from .writer import PROVENANCE_NAME
+from .writer import PROVENANCE_NAME, hash_fd
 
 MAX_LISTED = 20  # problems and failing tensors shown by format_report
 
@@ -251,7 +250,7 @@ def _check_checksums(out: str, provenance: dict | None, problems: list[str]) -> 
     if not isinstance(files, dict):
         problems.append(f"{PROVENANCE_NAME}: has no 'files' object with each file's size and sha256")
         return 0
-    compared, buf = 0, bytearray(1 << 20)
+    compared = 0
     for name, entry in sorted(files.items()):
         path = os.path.join(out, name)
         if not (isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)
@@ -264,19 +263,16 @@ def _check_checksums(out: str, provenance: dict | None, problems: list[str]) -> 
             size = os.path.getsize(path)
             if size != entry["size"]:
                 problems.append(f"{name}: has {size} bytes, but {PROVENANCE_NAME} records {entry['size']}")
-            elif _sha256(path, buf) != entry["sha256"]:
+            elif _sha256(path) != entry["sha256"]:
                 problems.append(f"{name}: its sha256 differs from the one {PROVENANCE_NAME} records")
     problems += [f"{name}: in the folder but not listed in {PROVENANCE_NAME}"
                  for name in sorted(os.listdir(out)) if name != PROVENANCE_NAME and name not in files]
     return compared
 
 
-def _sha256(path: str, buf: bytearray) -> str:
-    h, view = hashlib.sha256(), memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(view):
-            h.update(view[:n])
-    return h.hexdigest()
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hash_fd(f.fileno()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -145,7 +145,7 @@ class Staging:
             fd = self._fds[shard.filename]
             os.fsync(fd)
             if self._next[shard.filename] != shard.size:
-                self._hashes[shard.filename] = _hash_fd(fd)
+                self._hashes[shard.filename] = hash_fd(fd)
             checksums[shard.filename] = {"size": shard.size, "sha256": self._hashes[shard.filename].hexdigest()}
         for name, data in side.items():
             checksums[name] = self._put(name, data)
@@ -225,7 +225,8 @@ def _pwrite_all(fd: int, data, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
-def _hash_fd(fd: int):
+def hash_fd(fd: int):
+    """sha256 of a whole open file, read in 16 MiB pieces."""
     h, offset = hashlib.sha256(), 0
     while block := os.pread(fd, 16 << 20, offset):
         h.update(block)
