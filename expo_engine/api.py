@@ -5,10 +5,11 @@ from __future__ import annotations
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from . import __version__, dtypes
 from .executor import check_copies, execute
+from .kernels import Stats
 from .plan import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_SHARD_SIZE, Plan, check_alpha, make_plan
 from .sources import Checkpoint, open_checkpoint
 from .writer import Staging, check_output_path, side_files
@@ -44,6 +45,7 @@ def extrapolate(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     overwrite: bool = False,
+    stats: bool = True,
     on_plan: Callable[[Plan], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> Summary:
@@ -53,6 +55,8 @@ def extrapolate(
     sharded any way. Floats are computed in float32 and rounded once to `dtype` (default: each aligned tensor's
     dtype). Memory is bounded by `chunk_bytes` (a few chunks are in flight), not by the model or its largest
     tensor. Everything is checked before the first output byte; the output folder appears, complete, by rename.
+    With `stats` (default), the norms of the change aligned - sft and of the applied update are computed in the
+    same pass and stored in the output's expo.json (`expo norms --from OUT` prints them).
 
     Raises an :class:`~expo_engine.errors.ExpoError` subclass for every user error.
     """
@@ -68,8 +72,11 @@ def extrapolate(
         on_plan(plan)
 
     with Staging(out_path, plan) as staging:
-        execute(plan, staging, on_progress)
-        files = staging.finish(side, provenance(plan, sft_ck, aligned_ck))
+        found = execute(plan, staging, on_progress, stats=stats)
+        prov = provenance(plan, sft_ck, aligned_ck)
+        if stats:
+            prov["stats"] = stats_record(found, sft_ck, aligned_ck, plan.alpha)
+        files = staging.finish(side, prov)
     n_extra = sum(t.action == "extrapolate" for t in plan.tensors)
     return Summary(
         out=out_path,
@@ -85,6 +92,23 @@ def extrapolate(
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         files=files,
     )
+
+
+def stats_record(found: dict[str, tuple[Stats, Stats]], sft: Checkpoint, aligned: Checkpoint, alpha: float) -> dict:
+    """Raw float64 sums per tensor (so every aggregate can be rebuilt exactly) for the two changes."""
+    def pair(a: str, b: str, which: int) -> dict:
+        total = Stats()
+        for st in found.values():
+            total.add(st[which])
+        return {"a": a, "b": b, "total": total.summary(),
+                "tensors": {name: asdict(st[which]) for name, st in found.items()}}
+
+    return {
+        "note": "delta = aligned - sft; update = expo - aligned as written (after rounding); sums in float64 of "
+                "float32 partial sums over blocks of 262144 elements",
+        "delta": pair(sft.source, aligned.source, 0),
+        "update": pair(aligned.source, f"expo (alpha={alpha:g})", 1),
+    }
 
 
 def provenance(plan: Plan, sft: Checkpoint, aligned: Checkpoint) -> dict:

@@ -54,13 +54,19 @@ def _parser() -> argparse.ArgumentParser:
                    help="largest piece of a tensor in flight, in MiB (default %(default)g); peak memory is a fixed "
                         "base plus about 9 chunks")
     x.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    x.add_argument("--no-stats", dest="stats", action="store_false",
+                   help="skip the norms of the change and of the applied update (stored in expo.json by default, "
+                        "computed in the same pass; see expo norms --from)")
     x.set_defaults(run=_run_extrapolate)
 
     n = sub.add_parser("norms", help="parameter-change norms between checkpoints (every pair), per tensor/layer/kind",
                        description="For each pair (A, B) and tensor: ||B-A||_F, RMS change ||B-A||_F/sqrt(n), "
                                    "||B-A||_F/n, relative change ||B-A||_F/||A||_F, cosine(A, B), max |B-A|; "
                                    "float64 sums, aggregated per layer, module kind and (layer, kind).")
-    n.add_argument("sources", nargs="+", metavar="SRC", help="two or more checkpoints (folders or org/name[@rev])")
+    n.add_argument("sources", nargs="*", metavar="SRC", help="two or more checkpoints (folders or org/name[@rev])")
+    n.add_argument("--from", dest="from_out", metavar="OUT",
+                   help="instead of reading checkpoints, print the statistics an `expo extrapolate` run stored in "
+                        "OUT/expo.json: the change sft -> aligned and the applied update")
     n.add_argument("--json", metavar="FILE", help="write everything, machine-readable")
     n.add_argument("--csv", metavar="FILE", help="write one row per tensor and pair")
     n.add_argument("--markdown", metavar="FILE", help="write the aggregate tables as Markdown")
@@ -118,7 +124,7 @@ def _run_extrapolate(args) -> int:
     summary = extrapolate(
         args.sft, args.aligned, args.alpha, args.out,
         dtype=args.dtype, max_shard_size=args.max_shard_size, chunk_bytes=max(1, int(args.chunk_mb * 2**20)),
-        overwrite=args.overwrite, on_plan=progress.start, on_progress=progress.advance,
+        overwrite=args.overwrite, stats=args.stats, on_plan=progress.start, on_progress=progress.advance,
     )
     progress.close()
     print(describe(summary))
@@ -131,15 +137,20 @@ def _run_norms(args) -> int:
 
     from . import norms
 
-    if len(args.sources) < 2:
-        raise OptionError("expo norms needs at least two checkpoints")
+    if args.from_out and args.sources:
+        raise OptionError("give checkpoints or --from OUT, not both")
+    if not args.from_out and len(args.sources) < 2:
+        raise OptionError("expo norms needs at least two checkpoints (or --from OUT)")
     if args.plot:
         norms.check_plotting()
-    reports = norms.parameter_norms(args.sources, chunk_bytes=max(1, int(args.chunk_mb * 2**20)))
+    if args.from_out:
+        reports = norms.from_output(args.from_out)
+    else:
+        reports = norms.parameter_norms(args.sources, chunk_bytes=max(1, int(args.chunk_mb * 2**20)))
     print("\n\n".join(norms.table(r) for r in reports))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"engine_version": __version__, "inputs": args.sources,
+            json.dump({"engine_version": __version__, "inputs": args.sources or [args.from_out],
                        "pairs": [r.as_dict() for r in reports]}, f, indent=1)
     if args.csv:
         with open(args.csv, "w", newline="") as f:

@@ -113,8 +113,14 @@ def check_copies(plan: Plan) -> None:
         inputs.close()
 
 
-def execute(plan: Plan, staging: Staging, on_progress: Callable[[int], None] | None = None) -> None:
-    """Compute every chunk of `plan` and write it into `staging`. Raises InputChangedError if an input moved."""
+def execute(plan: Plan, staging: Staging, on_progress: Callable[[int], None] | None = None,
+            stats: bool = True) -> dict[str, tuple[kernels.Stats, kernels.Stats]]:
+    """Compute every chunk of `plan` and write it into `staging`. Raises InputChangedError if an input moved.
+
+    With `stats`, the fused kernel also returns, per extrapolated tensor, the statistics of the change
+    (aligned - sft) and of the applied update (out - aligned), from the same pass over the data.
+    """
+    found: dict[str, tuple[kernels.Stats, kernels.Stats]] = {}
     inputs = _Inputs(input_paths(plan))
     sets = [_Buffers(plan.chunk_bytes) for _ in range(DEPTH)]
     chunks = plan.chunks
@@ -143,7 +149,7 @@ def execute(plan: Plan, staging: Staging, on_progress: Callable[[int], None] | N
                         writes.pop(nxt - DEPTH).result()
                     pending = reader.submit(read, nxt)
                 t = plan.tensors[c.tensor]
-                out = _compute(t, s, a, sets[k % DEPTH], plan.alpha)
+                out = _compute(t, s, a, sets[k % DEPTH], plan.alpha, found if stats else None)
                 writes[k] = writer.submit(write, t, c, out.view(torch.uint8))
                 for j in [j for j, f in writes.items() if f.done()]:
                     writes.pop(j).result()  # surfaces a failed write early
@@ -152,6 +158,7 @@ def execute(plan: Plan, staging: Staging, on_progress: Callable[[int], None] | N
         inputs.check_unchanged()
     finally:
         inputs.close()
+    return found
 
 
 def _read(inputs: _Inputs, t: TensorPlan, c: Chunk, bufs: _Buffers):
@@ -160,10 +167,19 @@ def _read(inputs: _Inputs, t: TensorPlan, c: Chunk, bufs: _Buffers):
     return s, a
 
 
-def _compute(t: TensorPlan, s: torch.Tensor | None, a: torch.Tensor, bufs: _Buffers, alpha: float) -> torch.Tensor:
+def _compute(t: TensorPlan, s: torch.Tensor | None, a: torch.Tensor, bufs: _Buffers, alpha: float,
+             found: dict | None) -> torch.Tensor:
     if t.action == "copy":
         return a
     dtype = dtypes.TORCH[t.dtype]
     out = a if a.dtype == dtype else bufs.out[: a.numel() * dtype.itemsize].view(dtype)
-    kernels.extrapolate_chunk(out, s, a, alpha)
+    if found is None:
+        kernels.extrapolate_chunk(out, s, a, alpha)
+        return out
+    delta, update = kernels.extrapolate_chunk_stats(out, s, a, alpha)
+    if t.name in found:
+        found[t.name][0].add(delta)
+        found[t.name][1].add(update)
+    else:
+        found[t.name] = (delta, update)
     return out

@@ -10,7 +10,6 @@ streamed like extrapolation: chunks of at most `chunk_bytes`, read with pread in
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 
@@ -19,42 +18,11 @@ import torch
 from . import dtypes
 from .errors import MismatchError
 from .executor import _Buffers, _Inputs
+from .kernels import Stats
+from .plan import _untied_extras
 from .sources import Checkpoint, open_checkpoint
 
 BLOCK = 1 << 20  # float64 scratch, in elements
-
-
-@dataclass
-class Stats:
-    """Float64 sums over a set of elements; mergeable, so aggregates are exact sums of their tensors' sums."""
-
-    n: int = 0
-    d2: float = 0.0  # sum (b - a)^2
-    a2: float = 0.0
-    b2: float = 0.0
-    ab: float = 0.0
-    max_abs: float = 0.0
-
-    def add(self, other: Stats) -> None:
-        self.n += other.n
-        self.d2 += other.d2
-        self.a2 += other.a2
-        self.b2 += other.b2
-        self.ab += other.ab
-        self.max_abs = max(self.max_abs, other.max_abs)
-
-    def summary(self) -> dict[str, float]:
-        fro = math.sqrt(self.d2)
-        na, nb = math.sqrt(self.a2), math.sqrt(self.b2)
-        return {
-            "n": self.n,
-            "fro": fro,
-            "rms": fro / math.sqrt(self.n) if self.n else 0.0,
-            "fro_per_n": fro / self.n if self.n else 0.0,
-            "relative": fro / na if na else (0.0 if fro == 0 else math.inf),
-            "cosine": self.ab / (na * nb) if na and nb else (1.0 if na == nb else 0.0),
-            "max_abs": self.max_abs,
-        }
 
 
 def chunk_stats(a: torch.Tensor, b: torch.Tensor, scratch: tuple[torch.Tensor, torch.Tensor] | None = None) -> Stats:
@@ -68,7 +36,6 @@ def chunk_stats(a: torch.Tensor, b: torch.Tensor, scratch: tuple[torch.Tensor, t
         y = sb[: stop - start].copy_(b[start:stop])
         st.a2 += torch.dot(x, x).item()
         st.b2 += torch.dot(y, y).item()
-        st.ab += torch.dot(x, y).item()
         y.sub_(x)
         st.d2 += torch.dot(y, y).item()
         st.max_abs = max(st.max_abs, y.abs().max().item())
@@ -79,8 +46,11 @@ def reference_stats(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
     """The same numbers computed directly in float64, for tests."""
     a, b = a.double().flatten(), b.double().flatten()
     d = b - a
-    return Stats(a.numel(), (d * d).sum().item(), (a * a).sum().item(), (b * b).sum().item(), (a * b).sum().item(),
-                 d.abs().max().item() if d.numel() else 0.0).summary()
+    st = Stats(a.numel(), (d * d).sum().item(), (a * a).sum().item(), (b * b).sum().item(),
+               d.abs().max().item() if d.numel() else 0.0).summary()
+    na, nb = a.norm().item(), b.norm().item()
+    st["cosine"] = (a * b).sum().item() / (na * nb) if na and nb else st["cosine"]  # the direct definition
+    return st
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -148,8 +118,7 @@ class PairReport:
 
 def compare(a: Checkpoint, b: Checkpoint, chunk_bytes: int = 64 * 2**20) -> PairReport:
     """Stream both checkpoints once and return per-tensor stats of b - a (float tensors; others are skipped)."""
-    only_a = [n for n in a.tensors if n not in b.tensors]
-    only_b = [n for n in b.tensors if n not in a.tensors]
+    only_a, only_b = _untied_extras(a, b), _untied_extras(b, a)  # a tied alias on one side only is not a change
     if only_a or only_b:
         raise MismatchError(f"{a.source} and {b.source} hold different tensors (only in the first: "
                             f"{', '.join(only_a[:5]) or '-'}; only in the second: {', '.join(only_b[:5]) or '-'})")
@@ -159,6 +128,8 @@ def compare(a: Checkpoint, b: Checkpoint, chunk_bytes: int = 64 * 2**20) -> Pair
     scratch = (torch.empty(BLOCK, dtype=torch.float64), torch.empty(BLOCK, dtype=torch.float64))
     try:
         for name, ta in a.tensors.items():
+            if name not in b.tensors:
+                continue  # a tie (checked above)
             tb = b.tensors[name]
             if ta.shape != tb.shape:
                 raise MismatchError(f"tensor '{name}' has shape {list(ta.shape)} in {a.source} but "
@@ -176,6 +147,30 @@ def compare(a: Checkpoint, b: Checkpoint, chunk_bytes: int = 64 * 2**20) -> Pair
     finally:
         inputs.close()
     return report
+
+
+def from_output(path: str) -> list[PairReport]:
+    """The statistics `expo extrapolate` stored in OUT/expo.json: the change sft -> aligned and the applied update."""
+    import json
+    import os
+
+    from .errors import SourceError
+    from .writer import PROVENANCE_NAME
+
+    file = os.path.join(path, PROVENANCE_NAME)
+    try:
+        with open(file) as f:
+            prov = json.load(f)
+        record = prov["stats"]
+        return [PairReport(record[k]["a"], record[k]["b"],
+                           {n: Stats(**v) for n, v in record[k]["tensors"].items()}) for k in ("delta", "update")]
+    except FileNotFoundError:
+        raise SourceError(f"{file}: not found; is {path} a folder written by expo extrapolate?") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        if isinstance(e, KeyError) and e.args == ("stats",):
+            raise SourceError(f"{file} holds no statistics (the run used --no-stats); run "
+                              "`expo norms SFT ALIGNED` instead") from None
+        raise SourceError(f"{file}: unreadable statistics ({type(e).__name__}: {e})") from None
 
 
 def parameter_norms(sources: list[str], chunk_bytes: int = 64 * 2**20) -> list[PairReport]:
