@@ -240,13 +240,15 @@ def main() -> None:
     cmds = {
         "expo extrapolate": [expo if os.path.exists(expo) else "expo", "extrapolate", "--sft", sft, "--aligned",
                              aligned, "--alpha", str(ALPHA), "--out", out],
+        "expo extrapolate --no-stats": [expo if os.path.exists(expo) else "expo", "extrapolate", "--sft", sft,
+                                        "--aligned", aligned, "--alpha", str(ALPHA), "--out", out, "--no-stats"],
         "cp -r + sync": ["sh", "-c", 'cp -r "$0" "$1" && sync', aligned, out],
         "in-memory (load_file, fp32, save_file)": [sys.executable, __file__, "_inmemory", sft, aligned,
                                                     str(ALPHA), out],
     }
     names = list(cmds)
     results, worst = {name: [] for name in names}, None
-    for name in names[:2] * args.repeat + ([] if args.skip_in_memory else names[2:]):
+    for name in names[:3] * args.repeat + ([] if args.skip_in_memory else names[3:]):
         shutil.rmtree(out, ignore_errors=True)
         r = run_one(cmds[name], out, workdir)
         if name == names[0] and worst is None:
@@ -258,6 +260,8 @@ def main() -> None:
     results = {k: v for k, v in results.items() if v}
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     own = [f"{r['own']:.1f}" for r in results.get(names[0], []) if r["own"]]
+    own_ns = [f"{r['own']:.1f}" for r in results.get(names[1], []) if r["own"]]
+    with_s, without = (statistics.median(r["wall"] for r in results[n]) for n in names[:2])
     report = "\n".join([
         f"### {args.size_gb:g} GB pair ({info['params'] / 1e9:.2f} B params per model, {info['layers']} layers, "
         f"largest tensor {info['largest_mib']:.0f} MiB; SFT in 2 shards, aligned in 5)", "",
@@ -268,7 +272,9 @@ def main() -> None:
                             else "COULD NOT be dropped (no permission): these are WARM-cache numbers"),
         f"- expo output vs the float64 formula rounded once (rows of 4 tensors, across a chunk edge): worst "
         f"{worst:g} bf16 step(s)" if worst is not None else "- expo output not checked",
-        f"- expo's own timer (after its imports, to the published folder): {', '.join(own)} s", "",
+        f"- expo's own timer (after its imports, to the published folder): {', '.join(own)} s; "
+        f"with --no-stats: {', '.join(own_ns)} s",
+        f"- cost of the fused statistics (median wall with / without): {with_s / without - 1:+.1%}", "",
         table(results), "",
     ])
     print(report)

@@ -85,6 +85,46 @@ class Plan:
         return sorted({t.dtype for t in self.tensors if t.action == "extrapolate"})
 
 
+@dataclass(frozen=True)
+class Unit:
+    """A run of consecutive chunks of one output shard: the unit of distributed work and of the resume journal.
+
+    It reads only its chunks' input ranges and writes only bytes [start, stop) of `shard`, so units are
+    independent and idempotent, and can run on any node that sees the files.
+    """
+
+    index: int
+    shard: str
+    first: int  # plan.chunks[first:last] are this unit's chunks
+    last: int
+    start: int  # byte range of `shard` it writes
+    stop: int
+
+
+def make_units(plan: Plan, unit_bytes: int) -> tuple[Unit, ...]:
+    """Cut the plan's chunks, in write order, into units of at most `unit_bytes` output bytes (at least one chunk
+    each; a unit never spans two shards). Chunks are contiguous in their shard, so each unit is one byte range."""
+    units: list[Unit] = []
+    first, size = 0, 0
+
+    def close(last: int) -> None:
+        if last > first:
+            ts = [plan.tensors[plan.chunks[k].tensor] for k in (first, last - 1)]
+            start = ts[0].offset + plan.chunks[first].start * dtypes.itemsize(ts[0].dtype)
+            stop = ts[1].offset + plan.chunks[last - 1].stop * dtypes.itemsize(ts[1].dtype)
+            units.append(Unit(len(units), ts[0].shard, first, last, start, stop))
+
+    for k, c in enumerate(plan.chunks):
+        t = plan.tensors[c.tensor]
+        nbytes = (c.stop - c.start) * dtypes.itemsize(t.dtype)
+        if k > first and (size + nbytes > unit_bytes or plan.tensors[plan.chunks[k - 1].tensor].shard != t.shard):
+            close(k)
+            first, size = k, 0
+        size += nbytes
+    close(len(plan.chunks))
+    return tuple(units)
+
+
 def check_alpha(alpha) -> float:
     """alpha as a finite float, or OptionError."""
     try:
