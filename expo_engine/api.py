@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from . import __version__, dtypes
+from .distributed import DEFAULT_UNIT_BYTES
+from .errors import OptionError
 from .executor import check_copies, execute
 from .kernels import Stats
-from .plan import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_SHARD_SIZE, Plan, check_alpha, make_plan
+from .plan import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_SHARD_SIZE, Plan, check_alpha, make_plan, make_units, parse_size
 from .sources import Checkpoint, open_checkpoint
 from .writer import Staging, check_output_path, side_files
 
@@ -33,6 +36,13 @@ class Summary:
     seconds: float
     peak_rss_bytes: int  # VmHWM of this process (resource.getrusage), reading, computing and writing included
     files: dict[str, dict]
+    executor: str = "in-process"  # or "ray"
+    executor_note: str = ""  # why that executor was chosen
+    nodes: dict = field(default_factory=dict)  # Ray: node id -> {"host", "units", "bytes", "seconds"}
+    phases: dict = field(default_factory=dict)  # seconds per phase
+    units: int = 0
+    resumed_units: int = 0
+    tree_peak_bytes: int = 0  # Ray: peak summed RSS of this process and its children (Ray's and the workers)
 
 
 def extrapolate(
@@ -46,7 +56,13 @@ def extrapolate(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     overwrite: bool = False,
     stats: bool = True,
+    executor: str = "auto",
+    workers: int | None = None,
+    ray_address: str | None = None,
+    max_memory: int | str | None = None,
+    unit_bytes: int = DEFAULT_UNIT_BYTES,
     on_plan: Callable[[Plan], None] | None = None,
+    on_executor: Callable[[str, str], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> Summary:
     """Build the ExPO model ``aligned + alpha * (aligned - sft)`` in the folder `out`.
@@ -58,6 +74,11 @@ def extrapolate(
     With `stats` (default), the norms of the change aligned - sft and of the applied update are computed in the
     same pass and stored in the output's expo.json (`expo norms --from OUT` prints them).
 
+    `executor`: "local" (this process: reader, compute and writer threads), "ray" (units of at most `unit_bytes`
+    as Ray tasks on `workers` local CPUs, or on the cluster at `ray_address` / RAY_ADDRESS, with at most
+    `max_memory` bytes of tasks in flight per node; an interrupted run resumes from its journal), or "auto":
+    Ray when a cluster address, `workers` > 1, or an output of RAY_MIN_BYTES or more, else local.
+
     Raises an :class:`~expo_engine.errors.ExpoError` subclass for every user error.
     """
     started = time.monotonic()
@@ -68,15 +89,30 @@ def extrapolate(
     check_copies(plan)
 
     side = side_files(aligned_ck, dtypes.CONFIG_NAMES[dtypes.CLI_NAMES[dtype.lower()]] if dtype else None)
+    kind, why = choose_executor(executor, plan, workers, ray_address)
+    budget = parse_size(max_memory) if max_memory is not None else None
     if on_plan:
         on_plan(plan)
+    if on_executor:
+        on_executor(kind, why)
 
-    with Staging(out_path, plan) as staging:
-        found = execute(plan, staging, on_progress, stats=stats)
-        prov = provenance(plan, sft_ck, aligned_ck)
-        if stats:
-            prov["stats"] = stats_record(found, sft_ck, aligned_ck, plan.alpha)
-        files = staging.finish(side, prov)
+    report = None
+    phases = {"plan": time.monotonic() - started}
+    if kind == "ray":
+        from .distributed import execute_ray, journal_key
+
+        units = make_units(plan, unit_bytes)
+        with Staging(out_path, plan, journal_key(plan, units, stats)) as staging:
+            found, report = execute_ray(plan, units, staging, workers=workers, address=ray_address,
+                                        max_memory=budget, stats=stats, on_progress=on_progress)
+            files = _publish(staging, plan, sft_ck, aligned_ck, side, found if stats else None, phases)
+        phases = {"plan": phases["plan"], **report.phases, "hash+publish": phases["hash+publish"]}
+    else:
+        t = time.monotonic()
+        with Staging(out_path, plan) as staging:
+            found = execute(plan, staging, on_progress, stats=stats)
+            phases["compute"] = time.monotonic() - t
+            files = _publish(staging, plan, sft_ck, aligned_ck, side, found if stats else None, phases)
     n_extra = sum(t.action == "extrapolate" for t in plan.tensors)
     return Summary(
         out=out_path,
@@ -91,7 +127,50 @@ def extrapolate(
         seconds=time.monotonic() - started,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         files=files,
+        executor=kind,
+        executor_note=why,
+        nodes=report.nodes if report else {},
+        phases=phases,
+        units=report.units if report else 0,
+        resumed_units=report.resumed if report else 0,
+        tree_peak_bytes=report.tree_peak if report else 0,
     )
+
+
+RAY_MIN_BYTES = 20 * 10**9  # below this, Ray's start-up (~5 s) and per-task imports outweigh what it adds here
+
+
+def choose_executor(executor: str, plan: Plan, workers: int | None, address: str | None) -> tuple[str, str]:
+    if executor not in ("auto", "local", "ray"):
+        raise OptionError(f"executor must be auto, local or ray, not {executor!r}")
+    if workers is not None and workers < 1:
+        raise OptionError(f"workers must be at least 1, got {workers}")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if executor == "local":
+        if address or (workers or 1) > 1:
+            raise OptionError("--workers above 1 and --ray-address need the Ray executor; drop --executor local")
+        return "local", "asked for"
+    if executor == "ray":
+        return "ray", "asked for"
+    if address:
+        return "ray", f"joining the Ray cluster at {address}"
+    if workers is not None:
+        return ("ray", f"{workers} local Ray workers") if workers > 1 else ("local", "--workers 1")
+    if plan.total_size >= RAY_MIN_BYTES:
+        return "ray", f"output of {plan.total_size / 1e9:.0f} GB: local Ray workers on {os.cpu_count()} CPUs"
+    return "local", (f"small job ({plan.total_size / 1e9:.2f} GB of output): in this process, without Ray's "
+                     "start-up; pass --workers N or --executor ray to use Ray")
+
+
+def _publish(staging: Staging, plan: Plan, sft_ck: Checkpoint, aligned_ck: Checkpoint, side: dict,
+             found: dict | None, phases: dict) -> dict:
+    t = time.monotonic()
+    prov = provenance(plan, sft_ck, aligned_ck)
+    if found is not None:
+        prov["stats"] = stats_record(found, sft_ck, aligned_ck, plan.alpha)
+    files = staging.finish(side, prov)
+    phases["hash+publish"] = time.monotonic() - t
+    return files
 
 
 def stats_record(found: dict[str, tuple[Stats, Stats]], sft: Checkpoint, aligned: Checkpoint, alpha: float) -> dict:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import time
 
 from . import __version__
 from .api import FORMULA, Summary, extrapolate
+from .distributed import Interrupted
 from .errors import ExpoError, OptionError
 from .plan import DEFAULT_MAX_SHARD_SIZE, Plan
 
@@ -23,14 +26,23 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(_glue_negative_numbers(sys.argv[1:] if argv is None else argv))
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)  # a scheduler's SIGTERM stops the run like Ctrl-C does
     try:
         return args.run(args)
+    except Interrupted as e:
+        print(f"expo: {e}", file=sys.stderr)
+        return e.exit_code
     except ExpoError as e:
         print(f"expo: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("expo: interrupted; nothing was written at the output path", file=sys.stderr)
         return 130
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,6 +66,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="largest piece of a tensor in flight, in MiB (default %(default)g); peak memory is a fixed "
                         "base plus about 9 chunks")
     x.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    x.add_argument("--executor", choices=["auto", "local", "ray"], default="auto",
+                   help="where chunks are computed: local (this process), ray (Ray tasks, resumable), or auto "
+                        "(default: Ray for a cluster address, --workers above 1 or a large model; local otherwise)")
+    x.add_argument("--workers", type=_count, metavar="N", help="local Ray workers (default: one per CPU)")
+    x.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (default: $RAY_ADDRESS); input and "
+                                                         "output folders must be on a filesystem every node sees")
+    x.add_argument("--max-memory", metavar="SIZE", help="Ray: memory for tasks in flight per node, like 4GB "
+                                                        "(default: half the available memory, at most 4 GiB)")
+    x.add_argument("--unit-mb", type=_positive, default=256.0, metavar="N",
+                   help="Ray: output bytes per task and per journal entry, in MiB (default %(default)g)")
     x.add_argument("--no-stats", dest="stats", action="store_false",
                    help="skip the norms of the change and of the applied update (stored in expo.json by default, "
                         "computed in the same pass; see expo norms --from)")
@@ -112,6 +134,16 @@ def _finite(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
 def _positive(text: str) -> float:
     value = _finite(text)
     if value <= 0:
@@ -124,7 +156,9 @@ def _run_extrapolate(args) -> int:
     summary = extrapolate(
         args.sft, args.aligned, args.alpha, args.out,
         dtype=args.dtype, max_shard_size=args.max_shard_size, chunk_bytes=max(1, int(args.chunk_mb * 2**20)),
-        overwrite=args.overwrite, stats=args.stats, on_plan=progress.start, on_progress=progress.advance,
+        overwrite=args.overwrite, stats=args.stats, executor=args.executor, workers=args.workers,
+        ray_address=args.ray_address, max_memory=args.max_memory, unit_bytes=max(1, int(args.unit_mb * 2**20)),
+        on_plan=progress.start, on_executor=_say_executor, on_progress=progress.advance,
     )
     progress.close()
     print(describe(summary))
@@ -195,7 +229,23 @@ def describe(s: Summary) -> str:
         f"{s.shards} shard(s), dtype {', '.join(s.dtypes) or '-'}\n"
         f"  read {human(s.bytes_read)}, wrote {human(s.bytes_written)} in {s.seconds:.1f} s "
         f"({human(rate)}/s); peak RSS {s.peak_rss_bytes / 2**20:.0f} MiB"
+        + (f"; whole process tree {s.tree_peak_bytes / 2**20:.0f} MiB" if s.tree_peak_bytes else "")
+        + _describe_ray(s)
     )
+
+
+def _say_executor(kind: str, why: str) -> None:
+    print(f"executor: {kind} ({why})", file=sys.stderr)
+
+
+def _describe_ray(s: Summary) -> str:
+    if not s.nodes:
+        return ""
+    lines = [f"\n  ray: {s.units} units" + (f" ({s.resumed_units} already done, resumed)" if s.resumed_units else "")
+             + "; phases " + ", ".join(f"{k} {v:.1f} s" for k, v in s.phases.items())]
+    for node, n in sorted(s.nodes.items()):
+        lines.append(f"  node {node[:12]} ({n['host']}): {n['units']} units, {human(n['bytes'])}")
+    return "\n".join(lines)
 
 
 class Progress:

@@ -158,7 +158,7 @@ def execute(plan: Plan, staging: Staging, on_progress: Callable[[int], None] | N
     def write(t: TensorPlan, c: Chunk, data: memoryview) -> None:
         staging.write(t.shard, t.offset + c.start * dtypes.itemsize(t.dtype), data)
         if on_progress:
-            on_progress(len(data) // dtypes.itemsize(t.dtype))
+            on_progress(len(data))
 
     inputs = _Inputs(input_paths(plan), direct=direct_io())
     try:

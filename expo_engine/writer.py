@@ -19,6 +19,7 @@ from .plan import INDEX_NAME, Plan
 from .sources import SIDE_FILE_PATTERNS, Checkpoint
 
 PROVENANCE_NAME = "expo.json"
+JOURNAL_NAME = ".expo-journal.jsonl"
 CARD_NAME = "README.md"
 
 
@@ -86,24 +87,42 @@ def side_files(aligned: Checkpoint, config_dtype: str | None) -> dict[str, bytes
 
 
 class Staging:
-    """The output under construction. Use as a context manager: leaving it with an exception removes it."""
+    """The output under construction. Use as a context manager: leaving it with an exception removes it, unless
+    `keep` was set (an interrupted journaled run, kept for resume).
 
-    def __init__(self, out: str, plan: Plan):
+    With a `journal_key`, the staging folder keeps a journal of finished units (JOURNAL). A staging folder left by
+    an earlier run is reused only if its journal was written for the same key (same layout, alpha and inputs);
+    anything else left there is removed.
+    """
+
+    def __init__(self, out: str, plan: Plan, journal_key: str | None = None):
         self.out = out
         self.plan = plan
         self.dir = staging_path(out)
+        self.journal_key = journal_key
+        self.keep = False
+        self.resumed = False
         self._fds: dict[str, int] = {}
         self._hashes: dict[str, object] = {}
         self._next: dict[str, int] = {}  # the offset at which each shard's running hash continues
 
     def __enter__(self) -> Staging:
         os.makedirs(os.path.dirname(self.dir), exist_ok=True)
-        if os.path.lexists(self.dir):  # left by a run that was killed; nothing in it can be trusted yet
-            shutil.rmtree(self.dir)
-        os.mkdir(self.dir)
+        if os.path.lexists(self.dir):
+            if self.journal_key and self._journal_key_on_disk() == self.journal_key and all(
+                    os.path.isfile(f := os.path.join(self.dir, s.filename)) and os.path.getsize(f) == s.size
+                    for s in self.plan.shards):
+                self.resumed = True
+            else:  # left by a run that was killed, or planned differently: nothing in it can be trusted
+                shutil.rmtree(self.dir)
+        if not self.resumed:
+            os.mkdir(self.dir)
+            if self.journal_key:
+                self.journal_add({"key": self.journal_key})
         try:
             for shard in self.plan.shards:
-                fd = os.open(os.path.join(self.dir, shard.filename), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                flags = os.O_RDWR if self.resumed else os.O_RDWR | os.O_CREAT | os.O_EXCL
+                fd = os.open(os.path.join(self.dir, shard.filename), flags, 0o644)
                 self._fds[shard.filename] = fd
                 _preallocate(fd, shard.size, shard.filename)
                 _pwrite_all(fd, shard.header, 0)
@@ -119,8 +138,39 @@ class Staging:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-        if exc_type is not None:
+        if exc_type is not None and not self.keep:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+    # The journal: one JSON object per line, fsynced; the first holds the key. A torn last line (a kill during
+    # the append) is ignored: that unit is simply done again.
+    def _journal_lines(self) -> list[dict]:
+        lines = []
+        try:
+            with open(os.path.join(self.dir, JOURNAL_NAME)) as f:
+                for line in f:
+                    try:
+                        lines.append(json.loads(line))
+                    except ValueError:
+                        break
+        except OSError:
+            pass
+        return lines
+
+    def _journal_key_on_disk(self) -> str | None:
+        lines = self._journal_lines()
+        return lines[0].get("key") if lines and isinstance(lines[0], dict) else None
+
+    def journal_done(self) -> dict[int, dict]:
+        """Units recorded as finished: {unit index: record}."""
+        return {r["index"]: r for r in self._journal_lines()[1:] if isinstance(r, dict) and "index" in r}
+
+    def journal_add(self, record: dict) -> None:
+        fd = os.open(os.path.join(self.dir, JOURNAL_NAME), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (json.dumps(record, separators=(",", ":")) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def write(self, shard: str, offset: int, data: memoryview) -> None:
         """Write `data` at `offset` of `shard`. Writes in plan order let the checksum be kept on the fly."""
@@ -153,6 +203,8 @@ class Staging:
             index = {"metadata": {"total_size": self.plan.total_size}, "weight_map": self.plan.weight_map}
             checksums[INDEX_NAME] = self._put(INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
         checksums[CARD_NAME] = self._put(CARD_NAME, model_card(provenance).encode())
+        if os.path.exists(journal := os.path.join(self.dir, JOURNAL_NAME)):
+            os.remove(journal)  # the output holds only the model and its provenance
         provenance = {**provenance, "files": dict(sorted(checksums.items()))}
         self._put(PROVENANCE_NAME, (json.dumps(provenance, indent=2) + "\n").encode())
         _fsync_dir(self.dir)
