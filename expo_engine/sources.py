@@ -5,10 +5,15 @@ and absolute byte range of its (contiguous, little-endian) elements. Safetensors
 validated strictly; `.bin` files (PyTorch's zip format) are described by unpickling their `data.pkl` with an
 unpickler that only knows how to *describe* tensors: it constructs nothing and refuses every other class, so it
 is stricter than `torch.load(weights_only=True)` and never maps a shard into memory.
+
+Every file this module hands out or opens (weights, indexes, side files) first passes :func:`check_in_folder`: a
+symbolic link may lead out of the checkpoint folder only where huggingface_hub's cache puts it (a file in
+`models--ORG--NAME/snapshots/REV/` pointing into `models--ORG--NAME/blobs/`).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import os
@@ -47,6 +52,10 @@ MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+class UnsafeLinkError(SourceError):
+    """A file of a checkpoint is a symbolic link that leads outside its folder (see check_in_folder)."""
+
+
 @dataclass(frozen=True)
 class TensorSlot:
     """Where one tensor's elements lie: `nbytes` contiguous bytes from `offset` in `file` (an absolute path)."""
@@ -73,6 +82,7 @@ class Checkpoint:
     format: str  # "safetensors" or "bin"
     files: tuple[str, ...]  # weight file names, relative to path
     tensors: dict[str, TensorSlot] = field(repr=False)
+    side_files: tuple[str, ...] = ()  # config, tokenizer, ... files in path (SIDE_FILE_PATTERNS), links checked
 
     @property
     def nbytes(self) -> int:
@@ -82,6 +92,7 @@ class Checkpoint:
 def open_checkpoint(source: str) -> Checkpoint:
     """Resolve `source` (a folder, or a Hub repo id with optional `@revision`) and describe its tensors."""
     path, revision = resolve(source)
+    side = find_side_files(path)
     fmt, files = find_weight_files(path)
     tensors: dict[str, TensorSlot] = {}
     for name in files:
@@ -92,7 +103,7 @@ def open_checkpoint(source: str) -> Checkpoint:
                 raise FormatError(f"{full}: tensor '{slot.name}' also appears in {tensors[slot.name].file}")
             tensors[slot.name] = slot
     _check_against_index(path, fmt, files, tensors)
-    return Checkpoint(source, path, revision, fmt, tuple(files), tensors)
+    return Checkpoint(source, path, revision, fmt, tuple(files), tensors, tuple(side))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -121,6 +132,8 @@ def _resolve_hub(repo_id: str, revision: str | None) -> tuple[str, str | None]:
         folder = snapshot_download(repo_id, revision=revision, local_files_only=True)
         find_weight_files(folder)
         return folder, os.path.basename(folder.rstrip("/"))
+    except UnsafeLinkError:
+        raise  # the cache holds the repo, but a link in it leads elsewhere: say so, do not report it as missing
     except (LocalEntryNotFoundError, SourceError, OSError, ValueError):
         if constants.HF_HUB_OFFLINE:
             raise SourceError(
@@ -161,6 +174,7 @@ def find_weight_files(path: str) -> tuple[str, list[str]]:
             return fmt, list(dict.fromkeys(weight_map.values()))
         single = index.removesuffix(".index.json")
         if os.path.isfile(os.path.join(path, single)):
+            check_in_folder(path, os.path.join(path, single))
             return fmt, [single]
     raise SourceError(
         f"{path}: no weights found (looked for {SAFETENSORS_INDEX}, {SAFETENSORS_SINGLE}, {BIN_INDEX}, {BIN_SINGLE})"
@@ -169,6 +183,8 @@ def find_weight_files(path: str) -> tuple[str, list[str]]:
 
 def read_index(index_path: str) -> dict[str, str]:
     """The `weight_map` of a sharded checkpoint's index, checked: plain file names inside the folder, all present."""
+    folder = os.path.dirname(index_path)
+    check_in_folder(folder, index_path)
     try:
         with open(index_path, encoding="utf-8") as f:
             index = json.load(f)
@@ -177,13 +193,70 @@ def read_index(index_path: str) -> dict[str, str]:
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise FormatError(f"{index_path}: has no 'weight_map' object naming tensors and their files")
-    folder = os.path.dirname(index_path)
     for tensor, file in weight_map.items():
         if not isinstance(file, str) or not file or file != os.path.basename(file) or file in (".", ".."):
             raise FormatError(f"{index_path}: tensor '{tensor}' maps to {file!r}, which is not a plain file name")
+        check_in_folder(folder, os.path.join(folder, file))
         if not os.path.isfile(os.path.join(folder, file)):
             raise FormatError(f"{index_path}: names {file} (for tensor '{tensor}'), which is missing from {folder}")
     return weight_map
+
+
+def find_side_files(path: str) -> list[str]:
+    """The side files in `path` (names matching SIDE_FILE_PATTERNS that are files), each checked by check_in_folder.
+
+    The writer copies these from the aligned checkpoint; checking them here refuses a link leading outside the
+    folder before any byte of any file is read.
+    """
+    found = []
+    for name in sorted(os.listdir(path)):
+        if any(fnmatch.fnmatch(name, p) for p in SIDE_FILE_PATTERNS):
+            full = os.path.join(path, name)
+            check_in_folder(path, full)
+            if os.path.isfile(full):
+                found.append(name)
+    return found
+
+
+def check_in_folder(folder: str, path: str) -> str:
+    """Return `path` (a file in checkpoint `folder`) if reading it stays inside the folder; else UnsafeLinkError.
+
+    The file may be a symbolic link (or a chain of them) as long as its final target lies inside `folder`. The one
+    exception is huggingface_hub's cache layout: a file under `.../models--ORG--NAME/snapshots/REV/` may point into
+    that same repo's `.../models--ORG--NAME/blobs/` (a real folder: a `blobs` link leading elsewhere does not count).
+    Nothing is opened or read.
+    """
+    real_folder = os.path.realpath(folder)
+    target = os.path.realpath(path)
+    if _within(target, real_folder):
+        return path
+    blobs = _hub_blobs(real_folder)
+    if blobs is not None and _within(target, blobs):
+        return path
+    if blobs is None:
+        raise UnsafeLinkError(
+            f"{path} is a symbolic link to {target}, outside the checkpoint folder {real_folder}; expo reads only "
+            "files inside the folders it is given: copy the file into the folder instead of linking to it"
+        )
+    raise UnsafeLinkError(
+        f"{path} is a symbolic link to {target}, outside its Hugging Face cache snapshot {real_folder} and that "
+        f"repo's {blobs}; the cache was edited by hand or is damaged: download the repo again, or copy the file "
+        "into the folder"
+    )
+
+
+def _within(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
+
+
+def _hub_blobs(real_folder: str) -> str | None:
+    """For a folder inside a Hub cache snapshot (`.../models--ORG--NAME/snapshots/REV[/...]`), that repo's `blobs/`
+    folder, else None. It is not resolved: a target (resolved) lies in it only if `blobs` is a real folder."""
+    parts = real_folder.split(os.sep)
+    for i in range(len(parts) - 3, 0, -1):
+        if parts[i].startswith("models--") and parts[i + 1] == "snapshots" and parts[i + 2]:
+            return os.sep.join([*parts[: i + 1], "blobs"])
+    return None
 
 
 def _check_against_index(path: str, fmt: str, files: list[str], tensors: dict[str, TensorSlot]) -> None:
