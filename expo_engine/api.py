@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass, field
 
 from . import __version__, dtypes
 from .distributed import DEFAULT_UNIT_BYTES
-from .errors import OptionError
-from .executor import check_copies, execute
+from .errors import NonFiniteError, OptionError
+from .executor import check_copies, execute, scan_nonfinite
 from .kernels import Stats
 from .plan import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_SHARD_SIZE, Plan, check_alpha, make_plan, make_units, parse_size
 from .sources import Checkpoint, open_checkpoint
@@ -43,6 +43,7 @@ class Summary:
     units: int = 0
     resumed_units: int = 0
     tree_peak_bytes: int = 0  # Ray: peak summed RSS of this process and its children (Ray's and the workers)
+    warnings: list[str] = field(default_factory=list)  # e.g. NaN/Inf already in an input, carried through
 
 
 def extrapolate(
@@ -61,6 +62,7 @@ def extrapolate(
     ray_address: str | None = None,
     max_memory: int | str | None = None,
     unit_bytes: int = DEFAULT_UNIT_BYTES,
+    allow_nonfinite: bool = False,
     on_plan: Callable[[Plan], None] | None = None,
     on_executor: Callable[[str, str], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
@@ -78,6 +80,10 @@ def extrapolate(
     as Ray tasks on `workers` local CPUs, or on the cluster at `ray_address` / RAY_ADDRESS, with at most
     `max_memory` bytes of tasks in flight per node; an interrupted run resumes from its journal), or "auto":
     Ray when a cluster address, `workers` > 1, or an output of RAY_MIN_BYTES or more, else local.
+
+    NaN or Inf produced from finite inputs (alpha too large for the output dtype) is a NonFiniteError naming the
+    tensor; NaN or Inf already in an input is carried through with a warning in `Summary.warnings`, unless
+    `allow_nonfinite`.
 
     Raises an :class:`~expo_engine.errors.ExpoError` subclass for every user error.
     """
@@ -105,6 +111,7 @@ def extrapolate(
         with Staging(out_path, plan, journal_key(plan, units, stats)) as staging:
             found, report = execute_ray(plan, units, staging, workers=workers, address=ray_address,
                                         max_memory=budget, stats=stats, on_progress=on_progress)
+            warnings = check_finite(plan, staging, found, allow_nonfinite)
             files = _publish(staging, plan, sft_ck, aligned_ck, side, found if stats else None, phases)
         phases = {"plan": phases["plan"], **report.phases, "hash+publish": phases["hash+publish"]}
     else:
@@ -112,6 +119,7 @@ def extrapolate(
         with Staging(out_path, plan) as staging:
             found = execute(plan, staging, on_progress, stats=stats)
             phases["compute"] = time.monotonic() - t
+            warnings = check_finite(plan, staging, found, allow_nonfinite)
             files = _publish(staging, plan, sft_ck, aligned_ck, side, found if stats else None, phases)
     n_extra = sum(t.action == "extrapolate" for t in plan.tensors)
     return Summary(
@@ -134,6 +142,7 @@ def extrapolate(
         units=report.units if report else 0,
         resumed_units=report.resumed if report else 0,
         tree_peak_bytes=report.tree_peak if report else 0,
+        warnings=warnings,
     )
 
 
@@ -160,6 +169,30 @@ def choose_executor(executor: str, plan: Plan, workers: int | None, address: str
         return "ray", f"output of {plan.total_size / 1e9:.0f} GB: local Ray workers on {os.cpu_count()} CPUs"
     return "local", (f"small job ({plan.total_size / 1e9:.2f} GB of output): in this process, without Ray's "
                      "start-up; pass --workers N or --executor ray to use Ray")
+
+
+def check_finite(plan: Plan, staging: Staging, found: dict[str, tuple[Stats, Stats]], allow: bool) -> list[str]:
+    """Before publishing: the tensors whose output the kernels flagged as possibly NaN/Inf are read again and
+    looked at element by element. NaN/Inf the formula produced from finite inputs is an error; NaN/Inf that was
+    already in an input is carried through and reported as a warning (none with `allow`)."""
+    flagged = [name for name, (_, update) in found.items() if not update.finite]
+    if not flagged:
+        return []
+    found_bad = scan_nonfinite(plan, staging.dir, flagged)
+    out_dtype = {t.name: t.dtype for t in plan.tensors}
+    for r in found_bad:
+        if r.produced:
+            i, s, a, o = r.first
+            raise NonFiniteError(
+                f"tensor '{r.name}': the formula gave NaN or Inf at {r.produced} element(s) whose inputs are finite "
+                f"(first at index {i}: sft {s:g}, aligned {a:g}, alpha {plan.alpha:g} -> {o:g} in "
+                f"{out_dtype[r.name]}); use a smaller alpha or a "
+                "wider output dtype (--dtype fp32)"
+            )
+    if allow:
+        return []
+    return [f"tensor '{r.name}': NaN or Inf already in the inputs (sft: {r.in_sft}, aligned: {r.in_aligned} "
+            "element(s)), carried into the output; --allow-nonfinite silences this" for r in found_bad]
 
 
 def _publish(staging: Staging, plan: Plan, sft_ck: Checkpoint, aligned_ck: Checkpoint, side: dict,

@@ -79,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--no-stats", dest="stats", action="store_false",
                    help="skip the norms of the change and of the applied update (stored in expo.json by default, "
                         "computed in the same pass; see expo norms --from)")
+    x.add_argument("--allow-nonfinite", action="store_true",
+                   help="carry NaN/Inf that is already in an input into the output without a warning (NaN/Inf "
+                        "that the formula produces from finite inputs is always an error)")
     x.set_defaults(run=_run_extrapolate)
 
     n = sub.add_parser("norms", help="parameter-change norms between checkpoints (every pair), per tensor/layer/kind",
@@ -158,9 +161,12 @@ def _run_extrapolate(args) -> int:
         dtype=args.dtype, max_shard_size=args.max_shard_size, chunk_bytes=max(1, int(args.chunk_mb * 2**20)),
         overwrite=args.overwrite, stats=args.stats, executor=args.executor, workers=args.workers,
         ray_address=args.ray_address, max_memory=args.max_memory, unit_bytes=max(1, int(args.unit_mb * 2**20)),
+        allow_nonfinite=args.allow_nonfinite,
         on_plan=progress.start, on_executor=_say_executor, on_progress=progress.advance,
     )
     progress.close()
+    for w in summary.warnings:
+        print(f"expo: warning: {w}", file=sys.stderr)
     print(describe(summary))
     return 0
 

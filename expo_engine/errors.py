@@ -33,3 +33,7 @@ class OutputError(ExpoError):
 
 class InputChangedError(ExpoError):
     """An input file changed, shrank or disappeared while the engine was reading it."""
+
+
+class NonFiniteError(ExpoError):
+    """The formula produced NaN or Inf from finite inputs (alpha too large for the output dtype's range)."""

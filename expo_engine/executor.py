@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
@@ -148,6 +149,65 @@ def check_copies(plan: Plan) -> None:
         inputs.close()
 
 
+@dataclass
+class NonFinite:
+    """NaN/Inf found in one tensor by scan_nonfinite: how many output elements became NaN or Inf although both
+    inputs were finite there (`produced`, with the first such element), and how many input elements were
+    already NaN or Inf on each side."""
+
+    name: str
+    produced: int = 0
+    in_sft: int = 0
+    in_aligned: int = 0
+    first: tuple | None = None  # (index, sft value, aligned value, output value) of the first produced element
+
+
+def scan_nonfinite(plan: Plan, staging_dir: str, names: list[str]) -> list[NonFinite]:
+    """Look at the staged output of the tensors `names` (flagged by the kernels as possibly holding NaN or Inf)
+    element by element, next to their inputs. Only flagged tensors are read again, so a normal run pays nothing
+    here; memory stays bounded by the plan's chunk size."""
+    wanted = {plan.tensors.index(t): t for t in plan.tensors if t.name in set(names)}
+    found = {}
+    inputs = _Inputs(input_paths(plan))
+    bufs = _Buffers(plan.chunk_bytes)
+    fds = {}
+    try:
+        for c in plan.chunks:
+            t = wanted.get(c.tensor)
+            if t is None:
+                continue
+            s = inputs.read_into(bufs.sft, t.sft, c.start, c.stop)
+            a = inputs.read_into(bufs.aligned, t.aligned, c.start, c.stop)
+            if t.shard not in fds:
+                fds[t.shard] = os.open(os.path.join(staging_dir, t.shard), os.O_RDONLY)
+            dtype = dtypes.TORCH[t.dtype]
+            size = dtype.itemsize
+            raw = bufs.out[: (c.stop - c.start) * size]
+            mem = memoryview(raw.numpy())
+            got = 0
+            while got < len(mem):
+                n = os.preadv(fds[t.shard], [mem[got:]], t.offset + c.start * size + got)
+                if n <= 0:
+                    raise InputChangedError(f"{staging_dir}/{t.shard}: shorter than planned while checking '{t.name}'")
+                got += n
+            o = raw.view(dtype)
+            fs, fa, fo = torch.isfinite(s), torch.isfinite(a), torch.isfinite(o)
+            bad = ~fo & fs & fa
+            r = found.setdefault(t.name, NonFinite(t.name))
+            r.in_sft += int((~fs).sum())
+            r.in_aligned += int((~fa).sum())
+            count = int(bad.sum())
+            if count and r.first is None:
+                i = int(bad.nonzero()[0])
+                r.first = (c.start + i, float(s[i]), float(a[i]), float(o[i]))
+            r.produced += count
+    finally:
+        inputs.close()
+        for fd in fds.values():
+            os.close(fd)
+    return [r for r in found.values() if r.produced or r.in_sft or r.in_aligned]
+
+
 def execute(plan: Plan, staging: Staging, on_progress: Callable[[int], None] | None = None,
             stats: bool = True) -> dict[str, tuple[kernels.Stats, kernels.Stats]]:
     """Compute every chunk of `plan` and write it into `staging`. Raises InputChangedError if an input moved.
@@ -206,7 +266,7 @@ def _pipeline(plan, chunks, inputs, write, stats, found, sets):
                     writes.pop(nxt - DEPTH).result()
                 pending = reader.submit(read, nxt)
             t = plan.tensors[c.tensor]
-            out = _compute(t, s, a, sets[k % DEPTH], plan.alpha, found if stats else None, compute)
+            out = _compute(t, s, a, sets[k % DEPTH], plan.alpha, found, stats, compute)
             writes[k] = writer.submit(write, t, c, memoryview(out.view(torch.uint8).numpy()))
             for j in [j for j, f in writes.items() if f.done()]:
                 writes.pop(j).result()  # surfaces a failed write early
@@ -222,13 +282,22 @@ def _read(inputs: _Inputs, t: TensorPlan, c: Chunk, bufs: _Buffers):
 
 
 def _compute(t: TensorPlan, s: torch.Tensor | None, a: torch.Tensor, bufs: _Buffers, alpha: float,
-             found: dict | None, pool: ThreadPoolExecutor) -> torch.Tensor:
+             found: dict, stats: bool, pool: ThreadPoolExecutor) -> torch.Tensor:
     if t.action == "copy":
         return a
     dtype = dtypes.TORCH[t.dtype]
     out = a if a.dtype == dtype else bufs.out[: a.numel() * dtype.itemsize].view(dtype)
-    if found is None:
+    if not stats:
+        # Without statistics only the count and whether the output may hold NaN or Inf are kept (for the check
+        # that the formula did not overflow; see scan_nonfinite).
         kernels.extrapolate_chunk(out, s, a, alpha)
+        n = out.numel()
+        delta, update = kernels.Stats(n), kernels.Stats(n, finite=not kernels.maybe_nonfinite(out))
+        if t.name in found:
+            found[t.name][0].add(delta)
+            found[t.name][1].add(update)
+        else:
+            found[t.name] = (delta, update)
         return out
     # The fused kernel is several passes per block: split the chunk over the compute threads (torch releases the
     # GIL inside every op), each on whole blocks.

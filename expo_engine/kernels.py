@@ -53,9 +53,11 @@ class Stats:
     a2: float = 0.0
     b2: float = 0.0
     max_abs: float = 0.0  # max |D|
+    finite: bool = True  # False if A or B may hold a NaN or an Inf (then some sums are not finite either)
 
     def add(self, other: Stats) -> None:
         self.n += other.n
+        self.finite = self.finite and other.finite
         self.d2 += other.d2
         self.a2 += other.a2
         self.b2 += other.b2
@@ -122,7 +124,16 @@ def extrapolate_chunk_stats(out: torch.Tensor, sft: torch.Tensor, aligned: torch
         torch.aminmax(o, out=(low[i, 1], high[i, 1]))
     ss, aa, oo, dd, uu = parts.double().sum(0).tolist()
     max_d, max_u = torch.maximum(-low.min(0).values, high.max(0).values).double().tolist()
-    return Stats(n, dd, ss, aa, max_d), Stats(n, uu, aa, oo, max_u)
+    return (Stats(n, dd, ss, aa, max_d, math.isfinite(max_d) and math.isfinite(aa)),
+            Stats(n, uu, aa, oo, max_u, math.isfinite(max_u) and math.isfinite(oo)))
+
+
+def maybe_nonfinite(x: torch.Tensor) -> bool:
+    """True if `x` may hold a NaN or an Inf: one min/max pass (NaN propagates), ~12 ms per 64 MiB of bf16 here."""
+    if x.numel() == 0:
+        return False
+    low, high = torch.aminmax(x)
+    return not (math.isfinite(low.item()) and math.isfinite(high.item()))
 
 
 def reference(sft: torch.Tensor, aligned: torch.Tensor, alpha: float, dtype: torch.dtype) -> torch.Tensor:
