@@ -283,6 +283,18 @@ def _check_against_index(path: str, fmt: str, files: list[str], tensors: dict[st
 
 def read_safetensors_layout(path: str) -> list[TensorSlot]:
     """Parse and validate a safetensors header; return its tensors in file order. Reads only the header."""
+    raw, size = _read_header(path)
+    return parse_safetensors_header(raw, size, path)
+
+
+def read_safetensors_metadata(path: str) -> dict[str, str]:
+    """The `__metadata__` map of a safetensors file (validated with the rest of its header; {} when absent)."""
+    raw, size = _read_header(path)
+    parse_safetensors_header(raw, size, path)
+    return json.loads(raw.decode("utf-8")).get("__metadata__", {})
+
+
+def _read_header(path: str) -> tuple[bytes, int]:
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -295,7 +307,7 @@ def read_safetensors_layout(path: str) -> list[TensorSlot]:
             raw = f.read(n)
     except OSError as e:
         raise FormatError(f"{path}: cannot read ({e.strerror})") from None
-    return parse_safetensors_header(raw, size, path)
+    return raw, size
 
 
 def parse_safetensors_header(raw: bytes, file_size: int, path: str = "<header>") -> list[TensorSlot]:

@@ -26,7 +26,14 @@ from . import dtypes, kernels
 from .errors import FormatError, MismatchError, OptionError, SourceError
 from .executor import _Inputs
 from .plan import _shared_names, check_alpha
-from .sources import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, TensorSlot, open_checkpoint, read_safetensors_layout
+from .sources import (
+    SAFETENSORS_INDEX,
+    SAFETENSORS_SINGLE,
+    TensorSlot,
+    open_checkpoint,
+    read_safetensors_layout,
+    read_safetensors_metadata,
+)
 from .writer import PROVENANCE_NAME, hash_fd
 
 MAX_LISTED = 20  # problems and failing tensors shown by format_report
@@ -194,6 +201,10 @@ def _check_structure(out: str, problems: list[str]) -> tuple[list[TensorSlot], i
             unreadable.add(shard)
             problems.append(str(e).replace(out + os.sep, ""))
             continue
+        meta = read_safetensors_metadata(path)
+        if meta.get("format") != "pt":
+            problems.append(f"{shard}: header __metadata__ is {meta}, not {{'format': 'pt'}} as "
+                            "save_pretrained writes it (transformers checks this tag when it loads the shard)")
         for slot in layout:
             if slot.name in holder:
                 problems.append(f"tensor '{slot.name}': in both {holder[slot.name]} and {shard}")

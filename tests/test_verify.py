@@ -214,3 +214,17 @@ def test_user_errors(pairs, pair, out, tmp_path):
         verify(out, pair.sft, pair.aligned)
     assert verify(out, pair.sft, pair.aligned, alpha=ALPHA, chunk_bytes=CHUNK).problems == [
         "expo.json: missing, so no checksum can be checked"]
+
+
+@pytest.mark.parametrize("metadata", [{"format": "np"}, None])
+def test_shard_metadata_must_say_format_pt(out, metadata):
+    """A shard rewritten with other (or no) __metadata__ but the same tensors and bytes fails only that check."""
+    from safetensors.torch import load_file
+
+    shard = _shard2(out)
+    path = os.path.join(out, shard)
+    tensors = load_file(path)
+    save_file(tensors, path, metadata=metadata)
+    _rehash(out, shard)
+    report = verify(out)
+    assert len(report.problems) == 1 and _mentions(report, shard, "__metadata__", "'pt'"), report.problems
