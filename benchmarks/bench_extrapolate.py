@@ -201,13 +201,17 @@ def spot_check(sft: str, aligned: str, out: str) -> float:
 
 def table(results: dict[str, list[dict]]) -> str:
     cp, fmt = statistics.median(r["wall"] for r in results["cp -r + sync"]), ", ".join
-    rows = ["| method | runs | wall s, median (all) | GB written | GB/s | wall / cp | peak tree RSS MiB, max (all) "
-            "| ru_maxrss MiB, max | load avg before |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| method | runs | wall s, median (all) | own timer s, median | GB written | GB/s | wall / cp "
+            "| peak tree RSS MiB, max (all) | ru_maxrss MiB, max | load avg before |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for name, rs in results.items():
         wall, gb = statistics.median(r["wall"] for r in rs), rs[0]["written"] / 1e9
         peaks = [r["tree_peak"] / 2**20 for r in rs]
         walls, loads = fmt(f"{r['wall']:.1f}" for r in rs), fmt(f"{r['load']:.1f}" for r in rs)
-        rows.append(f"| {name} | {len(rs)} | {wall:.1f} ({walls}) | {gb:.2f} | {gb / wall:.2f} | {wall / cp:.2f} | "
+        own = [r["own"] for r in rs if r.get("own")]
+        own = f"{statistics.median(own):.1f}" if own else "-"
+        rows.append(f"| {name} | {len(rs)} | {wall:.1f} ({walls}) | {own} | {gb:.2f} | {gb / wall:.2f} | "
+                    f"{wall / cp:.2f} | "
                     f"{max(peaks):.0f} ({fmt(f'{p:.0f}' for p in peaks)}) | "
                     f"{max(r['ru_maxrss'] for r in rs) / 2**20:.0f} | {loads} |")
     return "\n".join(rows)
@@ -233,6 +237,8 @@ def main() -> None:
     p.add_argument("--skip-in-memory", action="store_true", help="skip the in-memory baseline (needs ~3x RAM)")
     p.add_argument("--markdown", metavar="FILE", help="append the table, command, date and machine to FILE")
     p.add_argument("--delete-pair", action="store_true", help="remove the cached pair at the end")
+    p.add_argument("--ray-workers", metavar="N[,N...]", default="",
+                   help="also run `expo extrapolate --executor ray --workers N` for each N (Ray started per run)")
     args = p.parse_args()
     os.makedirs(workdir := os.path.abspath(args.workdir), exist_ok=True)
     sft, aligned, info = ensure_pair(workdir, args.size_gb)
@@ -246,9 +252,13 @@ def main() -> None:
         "in-memory (load_file, fp32, save_file)": [sys.executable, __file__, "_inmemory", sft, aligned,
                                                     str(ALPHA), out],
     }
+    for n in [int(w) for w in args.ray_workers.split(",") if w]:
+        cmds[f"expo extrapolate --executor ray --workers {n}"] = [*cmds["expo extrapolate"], "--executor", "ray",
+                                                                  "--workers", str(n)]
     names = list(cmds)
+    timed = names[:3] + names[4:]  # interleaved; the in-memory baseline (names[3]) runs once at the end
     results, worst = {name: [] for name in names}, None
-    for name in names[:3] * args.repeat + ([] if args.skip_in_memory else names[3:]):
+    for name in timed * args.repeat + ([] if args.skip_in_memory else names[3:4]):
         shutil.rmtree(out, ignore_errors=True)
         r = run_one(cmds[name], out, workdir)
         if name == names[0] and worst is None:
