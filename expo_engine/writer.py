@@ -175,7 +175,10 @@ class Staging:
     def write(self, shard: str, offset: int, data: memoryview) -> None:
         """Write `data` at `offset` of `shard`. Writes in plan order let the checksum be kept on the fly."""
         fd = self._fds[shard]
-        _pwrite_all(fd, data, offset)
+        try:
+            _pwrite_all(fd, data, offset)
+        except OSError as e:
+            raise write_error(e, os.path.join(self.dir, shard)) from None
         # Starts writeback of these pages now (Linux: DONTNEED on dirty pages queues them for writing) so the disk
         # writes while the next chunks are read and computed, instead of all at the final fsync.
         os.posix_fadvise(fd, offset, len(data), os.POSIX_FADV_DONTNEED)
@@ -212,10 +215,14 @@ class Staging:
         return provenance["files"]
 
     def _put(self, name: str, data: bytes) -> dict:
-        with open(os.path.join(self.dir, name), "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        path = os.path.join(self.dir, name)
+        try:
+            with open(path, "xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise write_error(e, path) from None
         return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
     def _publish(self) -> None:
@@ -252,11 +259,27 @@ computed in float32 and rounded once to {", ".join(p['dtypes'])}.
 
 - SFT model: {side(p['sft'])}
 - aligned model: {side(p['aligned'])}
-- alpha: {p['alpha']}
+- alpha: {p['alpha']}{_card_rules(p)}
 
 Config, generation config and tokenizer come from the aligned model. `expo.json` records the inputs and a sha256
 checksum of every file.
 """
+
+
+def _card_rules(p: dict) -> str:
+    """The alpha rules, when there were any: which tensors got another alpha is in expo.json."""
+    if not p.get("alpha_rules"):
+        return ""
+    return ("\n- alpha rules (first match wins; the alpha of every tensor that differs from the base alpha is in "
+            "`expo.json`, `alpha_by_tensor`):\n" + "".join(f"  - `{r}`\n" for r in p["alpha_rules"])).rstrip("\n")
+
+
+def write_error(e: OSError, path: str) -> OutputError:
+    """An OSError while writing the staging folder, as the user error it is (full disk, quota, read-only or
+    failing filesystem); the caller's `with Staging` then removes the staging folder."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OutputError(f"{path}: the disk is full ({e.strerror}); nothing was published: free space and rerun")
+    return OutputError(f"{path}: cannot write ({e.strerror}); nothing was published")
 
 
 def _preallocate(fd: int, size: int, name: str) -> None:
