@@ -503,5 +503,8 @@ def _bin_slot(path: str, name: str, ref: _TensorRef, info: zipfile.ZipInfo, raw)
         raise FormatError(f"{path}: broken zip entry for the storage of '{name}'")
     name_len, extra_len = struct.unpack("<HH", local[26:30])
     data_offset = info.header_offset + 30 + name_len + extra_len
+    if data_offset + info.file_size > os.fstat(raw.fileno()).st_size:
+        raise FormatError(f"{path}: the storage of '{name}' reaches past the end of the file; truncated or corrupt "
+                          "zip archive: re-download or re-save it")
     return TensorSlot(name, ref.storage.dtype, ref.shape, path, data_offset + ref.storage_offset * itemsize,
                       numel * itemsize)

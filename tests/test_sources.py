@@ -117,7 +117,11 @@ _json = st.recursive(
 )
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# EXPO_FUZZ_EXAMPLES=N runs N examples per fuzz test instead of the CI budget (400 and 300).
+FUZZ_EXAMPLES = int(os.environ.get("EXPO_FUZZ_EXAMPLES", "0") or 0)
+
+
+@settings(max_examples=FUZZ_EXAMPLES or 400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(header=st.dictionaries(st.text(max_size=6), _json, max_size=4), extra=st.integers(0, 64),
        mutate=st.binary(max_size=16))
 def test_header_parser_fuzz(header, extra, mutate):
@@ -188,3 +192,57 @@ def test_cli_extrapolates_from_hub_cache(pair, tmp_path):
         prov = json.load(f)
     assert prov["sft"]["revision"] == "c" * 40 and prov["aligned"]["source"] == "org/dpo@main"
     shutil.rmtree(cache)
+
+
+# Mutations of real files: what a damaged download or a hostile uploader could hand the readers.
+def _valid_files(tmp_dir: str) -> dict[str, bytes]:
+    import torch
+
+    state = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(5, dtype=torch.bfloat16),
+             "c": torch.zeros(0, dtype=torch.float16)}
+    save_file(state, os.path.join(tmp_dir, "m.safetensors"), metadata={"format": "pt"})
+    torch.save(state, os.path.join(tmp_dir, "m.bin"))
+    out = {}
+    for name in ("m.safetensors", "m.bin"):
+        with open(os.path.join(tmp_dir, name), "rb") as f:
+            out[name] = f.read()
+    return out
+
+
+_mutation = st.one_of(
+    st.tuples(st.just("flip"), st.integers(0, 10**6), st.integers(1, 255)),
+    st.tuples(st.just("truncate"), st.integers(0, 10**6), st.just(0)),
+    st.tuples(st.just("insert"), st.integers(0, 10**6), st.integers(0, 255)),
+    st.tuples(st.just("length"), st.integers(0, 2**64 - 1), st.just(0)),
+)
+
+
+@settings(max_examples=FUZZ_EXAMPLES or 300, deadline=2000, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
+@given(which=st.sampled_from(["m.safetensors", "m.bin"]), mutations=st.lists(_mutation, min_size=1, max_size=4))
+def test_mutated_real_files_parse_or_raise_format_error(tmp_path, which, mutations):
+    """Byte flips, truncations, insertions and forged 8-byte header lengths on real safetensors and `.bin` files:
+    each reader returns a layout whose every range lies inside the file, or raises FormatError; nothing else,
+    within the 2 s deadline per example (no hangs, no huge allocations from forged lengths)."""
+    from expo_engine.sources import read_bin_layout, read_safetensors_layout
+
+    data = bytearray(_valid_files(str(tmp_path))[which])
+    for kind, pos, value in mutations:
+        if kind == "flip" and data:
+            data[pos % len(data)] ^= value
+        elif kind == "truncate":
+            del data[pos % (len(data) + 1):]
+        elif kind == "insert":
+            data.insert(pos % (len(data) + 1), value)
+        elif kind == "length" and which == "m.safetensors" and len(data) >= 8:
+            data[:8] = pos.to_bytes(8, "little")
+    path = os.path.join(tmp_path, "x" + which)
+    with open(path, "wb") as f:
+        f.write(data)
+    reader = read_safetensors_layout if which == "m.safetensors" else read_bin_layout
+    try:
+        slots = reader(path)
+    except FormatError:
+        return
+    for s in slots:
+        assert 0 <= s.offset and s.offset + s.nbytes <= len(data)
