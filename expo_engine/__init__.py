@@ -5,7 +5,7 @@
 
 __version__ = "0.1.0"
 
-from .api import Summary, extrapolate  # noqa: E402
+from .api import Summary, SweepSummary, extrapolate, extrapolate_sweep  # noqa: E402
 from .errors import (  # noqa: E402
     ExpoError,
     FormatError,
@@ -31,9 +31,11 @@ __all__ = [
     "Plan",
     "SourceError",
     "Summary",
+    "SweepSummary",
     "VerifyReport",
     "__version__",
     "extrapolate",
+    "extrapolate_sweep",
     "make_plan",
     "parameter_norms",
     "open_checkpoint",

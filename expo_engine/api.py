@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import time
@@ -11,9 +12,20 @@ from dataclasses import asdict, dataclass, field
 from . import __version__, dtypes
 from .distributed import DEFAULT_UNIT_BYTES
 from .errors import NonFiniteError, OptionError
-from .executor import check_copies, execute, scan_nonfinite
+from .executor import check_copies, execute_sweep, scan_nonfinite
 from .kernels import Stats
-from .plan import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_SHARD_SIZE, Plan, check_alpha, make_plan, make_units, parse_size
+from .plan import (
+    DEFAULT_CHUNK_BYTES,
+    DEFAULT_MAX_SHARD_SIZE,
+    Plan,
+    check_alpha,
+    check_alphas,
+    make_plan,
+    make_units,
+    parse_size,
+    sweep_folder,
+)
+from .rules import as_rules
 from .sources import Checkpoint, open_checkpoint
 from .writer import Staging, check_output_path, side_files
 
@@ -44,6 +56,21 @@ class Summary:
     resumed_units: int = 0
     tree_peak_bytes: int = 0  # Ray: peak summed RSS of this process and its children (Ray's and the workers)
     warnings: list[str] = field(default_factory=list)  # e.g. NaN/Inf already in an input, carried through
+    alpha_overrides: dict = field(default_factory=dict)  # {tensor: alpha} where an alpha rule changed `alpha`
+
+
+@dataclass(frozen=True)
+class SweepSummary:
+    """What an alpha sweep did: one Summary per alpha, in the order given, and the totals of the one pass."""
+
+    out: str  # the parent folder; runs[i].out is out/alpha-...
+    alphas: list[float]
+    runs: list[Summary]
+    bytes_read: int  # read once for every alpha
+    bytes_written: int  # all outputs together
+    seconds: float
+    peak_rss_bytes: int
+    warnings: list[str]
 
 
 def extrapolate(
@@ -63,6 +90,7 @@ def extrapolate(
     max_memory: int | str | None = None,
     unit_bytes: int = DEFAULT_UNIT_BYTES,
     allow_nonfinite: bool = False,
+    alpha_rules=None,
     on_plan: Callable[[Plan], None] | None = None,
     on_executor: Callable[[str, str], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
@@ -85,20 +113,122 @@ def extrapolate(
     tensor; NaN or Inf already in an input is carried through with a warning in `Summary.warnings`, unless
     `allow_nonfinite`.
 
+    `alpha_rules` give some tensors another alpha: a list of `PATTERN=VALUE` / `kind:KIND=VALUE` strings,
+    rules-file dicts or :class:`~expo_engine.rules.Rule`s, first match wins (see :mod:`expo_engine.rules`); the
+    alpha of every tensor that differs from `alpha` is recorded in expo.json (`alpha_by_tensor`). For several
+    alphas from one read of the inputs, see :func:`extrapolate_sweep`.
+
     Raises an :class:`~expo_engine.errors.ExpoError` subclass for every user error.
     """
     started = time.monotonic()
-    alpha = check_alpha(alpha)
-    sft_ck, aligned_ck = open_checkpoint(sft), open_checkpoint(aligned)
-    out_path = check_output_path(out, [sft_ck.path, aligned_ck.path], overwrite)
-    plan = make_plan(sft_ck, aligned_ck, alpha, dtype=dtype, max_shard_size=max_shard_size, chunk_bytes=chunk_bytes)
-    check_copies(plan)
+    job = prepare(sft, aligned, alpha, out, alpha_rules=alpha_rules, dtype=dtype, max_shard_size=max_shard_size,
+                  chunk_bytes=chunk_bytes, overwrite=overwrite)
+    return _execute(job, started, stats=stats, executor=executor, workers=workers, ray_address=ray_address,
+                    max_memory=max_memory, unit_bytes=unit_bytes, allow_nonfinite=allow_nonfinite,
+                    on_plan=(lambda plans: on_plan(plans[0])) if on_plan else None, on_executor=on_executor,
+                    on_progress=on_progress)[0]
 
+
+def extrapolate_sweep(
+    sft: str,
+    aligned: str,
+    alphas,
+    out: str,
+    *,
+    alpha_rules=None,
+    dtype: str | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    overwrite: bool = False,
+    stats: bool = True,
+    executor: str = "auto",
+    allow_nonfinite: bool = False,
+    on_plan: Callable[[tuple[Plan, ...]], None] | None = None,
+    on_executor: Callable[[str, str], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> SweepSummary:
+    """Build one ExPO model per alpha of `alphas` from one read of the inputs: `out/alpha-0.1`, `out/alpha-0.2`, ...
+    (the folder names are `plan.sweep_folder(alpha)`; `out` is a plain parent folder, created if missing, and may
+    hold other things).
+
+    Each output is complete and independent, with the same guarantees as :func:`extrapolate` (and byte for byte
+    the shards and index that a single run with that alpha writes): its own staging folder, index, model card,
+    `expo.json` (recording the sweep's alphas) and checksums. Every output is computed and checked (NaN/Inf per
+    alpha) before the first is published, each by its own rename; a run refused or failing before then publishes
+    none (and removes `out` again if it made it). Every
+    target must be absent or empty, unless `overwrite`.
+
+    Memory: each input chunk is read once and every alpha's output is computed into its own output buffer, so
+    peak memory is a fixed base plus about 3 * (2 + len(alphas)) chunks of `chunk_bytes` (9 chunks for one
+    alpha, 21 for five), not one run's memory times the number of alphas. At most MAX_SWEEP (64) alphas.
+
+    `alpha_rules` apply at every alpha: a rule's number overrides every alpha of the sweep, an `xF` rule scales
+    each (see :mod:`expo_engine.rules`). Sweeps run in this process: `executor` "ray" is refused (the Ray
+    executor does not run sweeps yet), "auto" runs locally. `on_plan` receives the plans, one per alpha.
+    """
+    started = time.monotonic()
+    job = prepare(sft, aligned, alphas, out, sweep=True, alpha_rules=alpha_rules, dtype=dtype,
+                  max_shard_size=max_shard_size, chunk_bytes=chunk_bytes, overwrite=overwrite)
+    parent = os.path.dirname(job.outs[0])
+    made = not os.path.lexists(parent)
+    try:
+        runs = _execute(job, started, stats=stats, executor=executor, workers=None, ray_address=None,
+                        max_memory=None, unit_bytes=DEFAULT_UNIT_BYTES, allow_nonfinite=allow_nonfinite,
+                        on_plan=on_plan, on_executor=on_executor, on_progress=on_progress)
+    except BaseException:
+        if made:  # the parent folder this run created, now empty again: a failed sweep leaves nothing behind
+            with contextlib.suppress(OSError):
+                os.rmdir(parent)
+        raise
+    return SweepSummary(
+        out=parent,
+        alphas=[r.alpha for r in runs],
+        runs=runs,
+        bytes_read=job.plans[0].bytes_read,
+        bytes_written=sum(r.bytes_written for r in runs),
+        seconds=time.monotonic() - started,
+        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        warnings=[w for r in runs for w in r.warnings],
+    )
+
+
+@dataclass(frozen=True)
+class Job:
+    """A checked and planned extrapolation, nothing written yet: what :func:`prepare` returns."""
+
+    plans: tuple[Plan, ...]  # one per output, all of one layout (a sweep's plans differ only in their alphas)
+    outs: tuple[str, ...]  # the absolute output folders, one per plan
+    sft: Checkpoint
+    aligned: Checkpoint
+    side: dict[str, bytes]  # config, tokenizer and other files copied from the aligned model
+    sweep: bool
+
+
+def prepare(sft: str, aligned: str, alpha, out: str, *, sweep: bool = False, alpha_rules=None,
+            dtype: str | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+            chunk_bytes: int = DEFAULT_CHUNK_BYTES, overwrite: bool = False) -> Job:
+    """Every check and the plans, reading headers (and the few non-float tensors) but writing nothing: what
+    `expo extrapolate --dry-run` shows. `alpha` is one alpha, or with `sweep` a list of them."""
+    alphas = check_alphas(alpha) if sweep else (check_alpha(alpha),)
+    rules = as_rules(alpha_rules)
+    sft_ck, aligned_ck = open_checkpoint(sft), open_checkpoint(aligned)
+    targets = [os.path.join(out, sweep_folder(a)) for a in alphas] if sweep else [out]
+    outs = tuple(check_output_path(t, [sft_ck.path, aligned_ck.path], overwrite) for t in targets)
+    plans = tuple(make_plan(sft_ck, aligned_ck, a, dtype=dtype, max_shard_size=max_shard_size,
+                            chunk_bytes=chunk_bytes, rules=rules) for a in alphas)
+    check_copies(plans[0])
     side = side_files(aligned_ck, dtypes.CONFIG_NAMES[dtypes.CLI_NAMES[dtype.lower()]] if dtype else None)
-    kind, why = choose_executor(executor, plan, workers, ray_address)
+    return Job(plans, outs, sft_ck, aligned_ck, side, sweep)
+
+
+def _execute(job: Job, started: float, *, stats, executor, workers, ray_address, max_memory, unit_bytes,
+             allow_nonfinite, on_plan, on_executor, on_progress) -> list[Summary]:
+    plans = job.plans
+    plan = plans[0]
+    kind, why = choose_executor(executor, plan, workers, ray_address, sweep=len(plans) if job.sweep else 0)
     budget = parse_size(max_memory) if max_memory is not None else None
     if on_plan:
-        on_plan(plan)
+        on_plan(plans)
     if on_executor:
         on_executor(kind, why)
 
@@ -108,33 +238,38 @@ def extrapolate(
         from .distributed import execute_ray, journal_key
 
         units = make_units(plan, unit_bytes)
-        with Staging(out_path, plan, journal_key(plan, units, stats)) as staging:
+        with Staging(job.outs[0], plan, journal_key(plan, units, stats)) as staging:
             found, report = execute_ray(plan, units, staging, workers=workers, address=ray_address,
                                         max_memory=budget, stats=stats, on_progress=on_progress)
-            warnings = check_finite(plan, staging, found, allow_nonfinite)
-            files = _publish(staging, plan, sft_ck, aligned_ck, side, found if stats else None, phases)
+            warnings = [check_finite(plan, staging, found, allow_nonfinite)]
+            files = [_publish(staging, plan, job, found if stats else None, phases)]
         phases = {"plan": phases["plan"], **report.phases, "hash+publish": phases["hash+publish"]}
     else:
         t = time.monotonic()
-        with Staging(out_path, plan) as staging:
-            found = execute(plan, staging, on_progress, stats=stats)
+        with contextlib.ExitStack() as stack:
+            stagings = [stack.enter_context(Staging(o, p)) for o, p in zip(job.outs, plans, strict=True)]
+            founds = execute_sweep(list(plans), stagings, on_progress, stats=stats)
             phases["compute"] = time.monotonic() - t
-            warnings = check_finite(plan, staging, found, allow_nonfinite)
-            files = _publish(staging, plan, sft_ck, aligned_ck, side, found if stats else None, phases)
+            # Every output is checked before the first is published: a sweep publishes all of its outputs or none
+            # (short of a failure between the renames themselves).
+            warnings = [check_finite(p, st, f, allow_nonfinite) for p, st, f in zip(plans, stagings, founds,
+                                                                                    strict=True)]
+            files = [_publish(st, p, job, f if stats else None, phases)
+                     for p, st, f in zip(plans, stagings, founds, strict=True)]
     n_extra = sum(t.action == "extrapolate" for t in plan.tensors)
-    return Summary(
+    return [Summary(
         out=out_path,
-        alpha=alpha,
-        tensors=len(plan.tensors),
+        alpha=p.alpha,
+        tensors=len(p.tensors),
         extrapolated=n_extra,
-        copied=len(plan.tensors) - n_extra,
-        shards=len(plan.shards),
-        dtypes=plan.out_dtypes,
-        bytes_read=plan.bytes_read,
-        bytes_written=sum(f["size"] for f in files.values()),
+        copied=len(p.tensors) - n_extra,
+        shards=len(p.shards),
+        dtypes=p.out_dtypes,
+        bytes_read=p.bytes_read,
+        bytes_written=sum(f["size"] for f in fs.values()),
         seconds=time.monotonic() - started,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        files=files,
+        files=fs,
         executor=kind,
         executor_note=why,
         nodes=report.nodes if report else {},
@@ -142,18 +277,27 @@ def extrapolate(
         units=report.units if report else 0,
         resumed_units=report.resumed if report else 0,
         tree_peak_bytes=report.tree_peak if report else 0,
-        warnings=warnings,
-    )
+        warnings=w,
+        alpha_overrides=p.alpha_overrides,
+    ) for out_path, p, fs, w in zip(job.outs, plans, files, warnings, strict=True)]
 
 
 RAY_MIN_BYTES = 20 * 10**9  # below this, Ray's start-up (~5 s) and per-task imports outweigh what it adds here
 
 
-def choose_executor(executor: str, plan: Plan, workers: int | None, address: str | None) -> tuple[str, str]:
+def choose_executor(executor: str, plan: Plan, workers: int | None, address: str | None,
+                    sweep: int = 0) -> tuple[str, str]:
+    """("local" or "ray", why). `sweep`: the number of alphas of a sweep, which only the local executor runs."""
     if executor not in ("auto", "local", "ray"):
         raise OptionError(f"executor must be auto, local or ray, not {executor!r}")
     if workers is not None and workers < 1:
         raise OptionError(f"workers must be at least 1, got {workers}")
+    if sweep:
+        if executor == "ray" or address or (workers or 1) > 1:
+            raise OptionError("alpha sweeps run in this process only (the Ray executor does not run them yet); "
+                              "drop --executor ray, --workers and --ray-address, or run one alpha at a time on Ray")
+        return "local", (f"alpha sweep of {sweep}: in this process, one read of the inputs for every alpha"
+                         if executor == "auto" else "asked for")
     address = address or os.environ.get("RAY_ADDRESS")
     if executor == "local":
         if address or (workers or 1) > 1:
@@ -182,10 +326,10 @@ def check_finite(plan: Plan, staging: Staging, found: dict[str, tuple[Stats, Sta
     out_dtype = {t.name: t.dtype for t in plan.tensors}
     for r in found_bad:
         if r.produced:
-            i, s, a, o = r.first
+            i, s, a, o, alpha = r.first
             raise NonFiniteError(
                 f"tensor '{r.name}': the formula gave NaN or Inf at {r.produced} element(s) whose inputs are finite "
-                f"(first at index {i}: sft {s:g}, aligned {a:g}, alpha {plan.alpha:g} -> {o:g} in "
+                f"(first at index {i}: sft {s:g}, aligned {a:g}, alpha {alpha:g} -> {o:g} in "
                 f"{out_dtype[r.name]}); use a smaller alpha or a "
                 "wider output dtype (--dtype fp32)"
             )
@@ -195,13 +339,15 @@ def check_finite(plan: Plan, staging: Staging, found: dict[str, tuple[Stats, Sta
             "element(s)), carried into the output; --allow-nonfinite silences this" for r in found_bad]
 
 
-def _publish(staging: Staging, plan: Plan, sft_ck: Checkpoint, aligned_ck: Checkpoint, side: dict,
-             found: dict | None, phases: dict) -> dict:
+def _publish(staging: Staging, plan: Plan, job: Job, found: dict | None, phases: dict) -> dict:
     t = time.monotonic()
-    prov = provenance(plan, sft_ck, aligned_ck)
+    prov = provenance(plan, job.sft, job.aligned)
+    if job.sweep:
+        prov["sweep"] = {"alphas": [p.alpha for p in job.plans],
+                         "note": "one of the outputs of an alpha sweep, all written from one read of the inputs"}
     if found is not None:
-        prov["stats"] = stats_record(found, sft_ck, aligned_ck, plan.alpha)
-    files = staging.finish(side, prov)
+        prov["stats"] = stats_record(found, job.sft, job.aligned, plan.alpha)
+    files = staging.finish(job.side, prov)
     phases["hash+publish"] = time.monotonic() - t
     return files
 
@@ -240,4 +386,5 @@ def provenance(plan: Plan, sft: Checkpoint, aligned: Checkpoint) -> dict:
         "tensors": len(plan.tensors),
         "total_size": plan.total_size,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    } | ({"alpha_rules": list(plan.alpha_rules), "alpha_by_tensor": plan.alpha_overrides} if plan.alpha_rules
+         else {})

@@ -9,10 +9,10 @@ import threading
 import time
 
 from . import __version__
-from .api import FORMULA, Summary, extrapolate
+from .api import FORMULA, Job, Summary, SweepSummary, choose_executor, extrapolate, extrapolate_sweep, prepare
 from .distributed import Interrupted
 from .errors import ExpoError, OptionError
-from .plan import DEFAULT_MAX_SHARD_SIZE, Plan
+from .plan import DEFAULT_MAX_SHARD_SIZE, Plan, parse_alphas
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,14 +57,32 @@ def _parser() -> argparse.ArgumentParser:
     )
     x.add_argument("--sft", required=True, metavar="SRC", help="SFT checkpoint: a folder or org/name[@revision]")
     x.add_argument("--aligned", required=True, metavar="SRC", help="aligned (DPO/RLHF) checkpoint trained from it")
-    x.add_argument("--alpha", required=True, type=_finite, help="extrapolation strength (0 = aligned; <0 interpolates)")
-    x.add_argument("--out", required=True, metavar="DIR", help="output folder (appears only when complete)")
+    x.add_argument("--alpha", required=True, type=_alpha_arg,
+                   help="extrapolation strength (0 = aligned; <0 interpolates). A sweep, as a list 0.1,0.2,0.3 or a "
+                        "range START:STOP:STEP (STOP included: 0.1:0.5:0.1), writes one complete model per alpha, "
+                        "DIR/alpha-0.1, DIR/alpha-0.2, ..., from one read of the inputs; each output adds one chunk "
+                        "buffer per buffer set, so memory is a fixed base plus about 3 x (2 + number of alphas) "
+                        "chunks (in this process only: not with --executor ray)")
+    x.add_argument("--out", required=True, metavar="DIR", help="output folder (appears only when complete); for a "
+                                                               "sweep, the parent folder of the per-alpha folders")
+    x.add_argument("--alpha-rule", action="append", default=[], metavar="PATTERN=VALUE",
+                   help="give the tensors whose name matches the regular expression PATTERN (re.search) another "
+                        "alpha: VALUE is a number (the same at every alpha of a sweep) or xF (F times the alpha); "
+                        "kind:KIND=VALUE selects a module kind (q, k, v, o, qkv, mlp, norm, embed, head, other, "
+                        "or embeddings = embed and head; kind:embeddings=0 leaves them as aligned). Repeatable; the "
+                        "first rule that matches a tensor wins; each rule must match some tensor")
+    x.add_argument("--alpha-rules", metavar="FILE",
+                   help="more rules, after the --alpha-rule ones: a JSON (or YAML, with PyYAML) list of "
+                        "{\"pattern\"|\"kind\": ..., \"alpha\": VALUE} and {\"ramp\": [FIRST, LAST]} (alpha going "
+                        "linearly from FIRST at layer 0 to LAST at the last layer)")
+    x.add_argument("--dry-run", action="store_true",
+                   help="check everything and print every tensor with its alpha, dtype and bytes; write nothing")
     x.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="output dtype (default: the aligned dtype)")
     x.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, metavar="SIZE",
                    help="shard cap, decimal units like 5GB or 500MB (default %(default)s)")
     x.add_argument("--chunk-mb", type=_positive, default=64.0, metavar="N",
                    help="largest piece of a tensor in flight, in MiB (default %(default)g); peak memory is a fixed "
-                        "base plus about 9 chunks")
+                        "base plus about 9 chunks (3 x (2 + N) for a sweep of N alphas)")
     x.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     x.add_argument("--executor", choices=["auto", "local", "ray"], default="auto",
                    help="where chunks are computed: local (this process), ray (Ray tasks, resumable), or auto "
@@ -137,6 +155,16 @@ def _finite(text: str) -> float:
     return value
 
 
+def _alpha_arg(text: str) -> float | tuple[float, ...]:
+    """One alpha (a float), or a sweep (a tuple) when written as a list or a range."""
+    if "," in text or ":" in text:
+        try:
+            return parse_alphas(text)
+        except OptionError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return _finite(text)
+
+
 def _count(text: str) -> int:
     try:
         value = int(text)
@@ -155,19 +183,37 @@ def _positive(text: str) -> float:
 
 
 def _run_extrapolate(args) -> int:
+    from .rules import load_rules, parse_rule
+
+    rules = [parse_rule(r) for r in args.alpha_rule] + (load_rules(args.alpha_rules) if args.alpha_rules else [])
+    sweep = isinstance(args.alpha, tuple)
+    chunk_bytes = max(1, int(args.chunk_mb * 2**20))
+    if sweep and (args.workers or args.ray_address):
+        raise OptionError("alpha sweeps run in this process only (the Ray executor does not run them yet); drop "
+                          "--workers and --ray-address, or run one alpha at a time on Ray")
+    if args.dry_run:
+        job = prepare(args.sft, args.aligned, args.alpha, args.out, sweep=sweep, alpha_rules=rules,
+                      dtype=args.dtype, max_shard_size=args.max_shard_size, chunk_bytes=chunk_bytes,
+                      overwrite=args.overwrite)
+        choose_executor(args.executor, job.plans[0], args.workers, args.ray_address,
+                        sweep=len(job.plans) if sweep else 0)
+        print(alpha_table(job))
+        return 0
     progress = Progress()
-    summary = extrapolate(
-        args.sft, args.aligned, args.alpha, args.out,
-        dtype=args.dtype, max_shard_size=args.max_shard_size, chunk_bytes=max(1, int(args.chunk_mb * 2**20)),
-        overwrite=args.overwrite, stats=args.stats, executor=args.executor, workers=args.workers,
-        ray_address=args.ray_address, max_memory=args.max_memory, unit_bytes=max(1, int(args.unit_mb * 2**20)),
-        allow_nonfinite=args.allow_nonfinite,
-        on_plan=progress.start, on_executor=_say_executor, on_progress=progress.advance,
-    )
+    common = dict(alpha_rules=rules, dtype=args.dtype, max_shard_size=args.max_shard_size, chunk_bytes=chunk_bytes,
+                  overwrite=args.overwrite, stats=args.stats, executor=args.executor,
+                  allow_nonfinite=args.allow_nonfinite, on_executor=_say_executor, on_progress=progress.advance)
+    if sweep:
+        summary = extrapolate_sweep(args.sft, args.aligned, args.alpha, args.out,
+                                    on_plan=lambda plans: progress.start(plans[0], len(plans)), **common)
+    else:
+        summary = extrapolate(args.sft, args.aligned, args.alpha, args.out, workers=args.workers,
+                              ray_address=args.ray_address, max_memory=args.max_memory,
+                              unit_bytes=max(1, int(args.unit_mb * 2**20)), on_plan=progress.start, **common)
     progress.close()
     for w in summary.warnings:
         print(f"expo: warning: {w}", file=sys.stderr)
-    print(describe(summary))
+    print(describe_sweep(summary) if sweep else describe(summary))
     return 0
 
 
@@ -240,6 +286,44 @@ def describe(s: Summary) -> str:
     )
 
 
+def describe_sweep(s: SweepSummary) -> str:
+    first = s.runs[0]
+    rate = s.bytes_written / s.seconds if s.seconds > 0 else 0.0
+    lines = [f"wrote {len(s.runs)} model(s) in {s.out}, one per alpha, from one read of the inputs"]
+    lines += [f"  alpha {r.alpha:g}: {r.out}" + (f" ({len(r.alpha_overrides)} tensor(s) with another alpha by rule)"
+                                                 if r.alpha_overrides else "") for r in s.runs]
+    lines.append(f"  each: {first.tensors} tensors ({first.extrapolated} extrapolated, {first.copied} copied) in "
+                 f"{first.shards} shard(s), dtype {', '.join(first.dtypes) or '-'}")
+    lines.append(f"  read {human(s.bytes_read)}, wrote {human(s.bytes_written)} in {s.seconds:.1f} s "
+                 f"({human(rate)}/s); peak RSS {s.peak_rss_bytes / 2**20:.0f} MiB")
+    return "\n".join(lines)
+
+
+def alpha_table(job: Job) -> str:
+    """`--dry-run`: every tensor with its alpha (one column per alpha of a sweep), dtype, bytes and shard."""
+    plans = job.plans
+    heads = [f"alpha {p.alpha:g}" if job.sweep else "alpha" for p in plans]
+    width = max([len("tensor"), *(len(t.name) for t in plans[0].tensors)])
+    cols = [max(8, len(h)) for h in heads]
+    lines = [f"{'tensor':<{width}}  " + "  ".join(f"{h:>{w}}" for h, w in zip(heads, cols, strict=True))
+             + f"  {'dtype':<5}  {'bytes':>10}  shard"]
+    for i, t in enumerate(plans[0].tensors):
+        alphas = ["copy" if t.action == "copy" else f"{p.tensors[i].alpha:g}" for p in plans]
+        lines.append(f"{t.name:<{width}}  " + "  ".join(f"{a:>{w}}" for a, w in zip(alphas, cols, strict=True))
+                     + f"  {t.dtype:<5}  {human(t.nbytes):>10}  {t.shard}")
+    plan = plans[0]
+    n_extra = sum(t.action == "extrapolate" for t in plan.tensors)
+    lines.append(f"{len(plan.tensors)} tensors ({n_extra} extrapolated, {len(plan.tensors) - n_extra} copied), "
+                 f"{len(plan.shards)} shard(s), {human(plan.total_size)} per output, {human(plan.bytes_read)} read")
+    for rule in plan.alpha_rules:
+        lines.append(f"alpha rule: {rule}")
+    n = len(plans)
+    lines.append("dry run: nothing was written; would write " + ", ".join(job.outs)
+                 + (f" (memory: a fixed base plus about {3 * (2 + n)} chunks of {plan.chunk_bytes / 2**20:g} MiB)"
+                    if job.sweep else ""))
+    return "\n".join(lines)
+
+
 def _say_executor(kind: str, why: str) -> None:
     print(f"executor: {kind} ({why})", file=sys.stderr)
 
@@ -263,10 +347,15 @@ class Progress:
         self.total = self.done = 0
         self.last = 0.0
 
-    def start(self, plan: Plan) -> None:
-        self.total, self.began = plan.total_size, time.monotonic()
-        print(f"planned {len(plan.tensors)} tensors, {len(plan.shards)} shard(s), {human(plan.total_size)} to write "
-              f"in {len(plan.chunks)} chunks", file=self.stream)
+    def start(self, plan: Plan, outputs: int = 0) -> None:
+        """`outputs`: the number of alphas of a sweep (0: a single run)."""
+        self.total, self.began = plan.total_size * max(1, outputs), time.monotonic()
+        if outputs:
+            print(f"planned {outputs} outputs of {len(plan.tensors)} tensors, {len(plan.shards)} shard(s) each, "
+                  f"{human(self.total)} to write from one read of {len(plan.chunks)} chunks", file=self.stream)
+        else:
+            print(f"planned {len(plan.tensors)} tensors, {len(plan.shards)} shard(s), {human(plan.total_size)} to "
+                  f"write in {len(plan.chunks)} chunks", file=self.stream)
         if self.stream.isatty():
             from tqdm import tqdm
 

@@ -330,11 +330,11 @@ def _merge(found: dict, stats: dict | None) -> None:
 
 
 def journal_key(plan: Plan, units: tuple[Unit, ...], stats: bool) -> str:
-    """What a journal must match to be resumed: the exact output layout, alpha, the units, the inputs as they
-    are now (path, size, mtime), and whether statistics are computed."""
+    """What a journal must match to be resumed: the exact output layout, alpha (and every tensor's, under alpha
+    rules), the units, the inputs as they are now (path, size, mtime), and whether statistics are computed."""
     inputs = sorted(set(input_paths(plan)))
     ident = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in inputs]
-    blob = json.dumps([plan.alpha, plan.chunk_bytes, stats, [(s.filename, hashlib.sha256(s.header).hexdigest(),
-                                                             s.size) for s in plan.shards],
+    blob = json.dumps([plan.alpha, plan.alpha_overrides, plan.chunk_bytes, stats,
+                       [(s.filename, hashlib.sha256(s.header).hexdigest(), s.size) for s in plan.shards],
                        [(u.shard, u.start, u.stop, u.first, u.last) for u in units], ident])
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -6,6 +6,11 @@ the calling thread runs the kernel (the fused statistics kernel on two threads),
 previous chunk at its planned offset. `depth` buffer sets rotate between them;
 each set is at most three chunk-sized buffers, so the resident memory is a fixed base plus `3 * depth` chunks,
 whatever the size of the model or of its largest tensor.
+
+An alpha sweep (several plans of one layout, one per output) reads each input chunk once and computes every
+output from it, each into its own output buffer (only the last may overwrite the aligned buffer), and writes each
+into its own staging folder: a set then holds 2 + N chunk buffers for N outputs, so the bound becomes a fixed base
+plus `(2 + N) * depth` chunks.
 """
 
 from __future__ import annotations
@@ -107,13 +112,15 @@ def _identity(st: os.stat_result) -> tuple:
 
 
 class _Buffers:
-    """One set of chunk buffers. `torch.empty` reserves address space only; pages become resident when used."""
+    """One set of chunk buffers. `torch.empty` reserves address space only; pages become resident when used.
+    `outputs` output buffers (`out` is the first), one per output of a sweep."""
 
-    def __init__(self, nbytes: int):
+    def __init__(self, nbytes: int, outputs: int = 1):
         nbytes = max(nbytes, 8) + 2 * ALIGN  # one element of the widest dtype; room to align direct reads
         self.sft = torch.empty(nbytes, dtype=torch.uint8)
         self.aligned = torch.empty(nbytes, dtype=torch.uint8)
-        self.out = torch.empty(nbytes, dtype=torch.uint8)
+        self.outs = [torch.empty(nbytes, dtype=torch.uint8) for _ in range(max(1, outputs))]
+        self.out = self.outs[0]
 
 
 def direct_io() -> bool:
@@ -159,7 +166,7 @@ class NonFinite:
     produced: int = 0
     in_sft: int = 0
     in_aligned: int = 0
-    first: tuple | None = None  # (index, sft value, aligned value, output value) of the first produced element
+    first: tuple | None = None  # (index, sft value, aligned value, output value, alpha) of the first produced one
 
 
 def scan_nonfinite(plan: Plan, staging_dir: str, names: list[str]) -> list[NonFinite]:
@@ -199,7 +206,7 @@ def scan_nonfinite(plan: Plan, staging_dir: str, names: list[str]) -> list[NonFi
             count = int(bad.sum())
             if count and r.first is None:
                 i = int(bad.nonzero()[0])
-                r.first = (c.start + i, float(s[i]), float(a[i]), float(o[i]))
+                r.first = (c.start + i, float(s[i]), float(a[i]), float(o[i]), t.alpha)
             r.produced += count
     finally:
         inputs.close()
@@ -215,37 +222,72 @@ def execute(plan: Plan, staging: Staging, on_progress: Callable[[int], None] | N
     With `stats`, the fused kernel also returns, per extrapolated tensor, the statistics of the change
     (aligned - sft) and of the applied update (out - aligned), from the same pass over the data.
     """
-    def write(t: TensorPlan, c: Chunk, data: memoryview) -> None:
-        staging.write(t.shard, t.offset + c.start * dtypes.itemsize(t.dtype), data)
-        if on_progress:
-            on_progress(len(data))
+    return execute_sweep([plan], [staging], on_progress, stats)[0]
 
-    inputs = _Inputs(input_paths(plan), direct=direct_io())
+
+def execute_sweep(plans: list[Plan], stagings: list[Staging], on_progress: Callable[[int], None] | None = None,
+                  stats: bool = True) -> list[dict[str, tuple[kernels.Stats, kernels.Stats]]]:
+    """`execute` for several outputs of one layout (an alpha sweep: the plans differ only in their alphas), from
+    one read of the inputs: plans[j] is written into stagings[j]. Returns the statistics of each output."""
+    check_same_layout(plans)
+
+    def writer(staging: Staging):
+        def write(t: TensorPlan, c: Chunk, data: memoryview) -> None:
+            staging.write(t.shard, t.offset + c.start * dtypes.itemsize(t.dtype), data)
+            if on_progress:
+                on_progress(len(data))
+        return write
+
+    inputs = _Inputs(input_paths(plans[0]), direct=direct_io())
     try:
-        found = run_chunks(plan, plan.chunks, inputs, write, stats)
+        founds = run_sweep_chunks(plans, plans[0].chunks, inputs, [writer(s) for s in stagings], stats)
         inputs.check_unchanged()
     finally:
         inputs.close()
-    return found
+    return founds
+
+
+def check_same_layout(plans: list[Plan]) -> None:
+    """The plans of a sweep must lay out the same bytes: the same shards, chunks and tensor slots."""
+    first = plans[0]
+    for p in plans[1:]:
+        if (p.shards != first.shards or p.chunks != first.chunks or p.chunk_bytes != first.chunk_bytes
+                or [(t.name, t.sft, t.aligned, t.dtype, t.offset) for t in p.tensors]
+                != [(t.name, t.sft, t.aligned, t.dtype, t.offset) for t in first.tensors]):
+            raise ValueError("the plans of a sweep must differ only in their alphas")
 
 
 def run_chunks(plan: Plan, chunks, inputs: _Inputs, write: Callable[[TensorPlan, Chunk, memoryview], None],
                stats: bool = True) -> dict[str, tuple[kernels.Stats, kernels.Stats]]:
     """Read, compute and write `chunks` (of `plan`) with the three stages overlapped; `write` runs on one thread,
     in chunk order. Returns the fused statistics per tensor (partial sums over these chunks only)."""
-    found: dict[str, tuple[kernels.Stats, kernels.Stats]] = {}
-    sets = [_Buffers(plan.chunk_bytes) for _ in range(DEPTH)]
+    return run_sweep_chunks([plan], chunks, inputs, [write], stats)[0]
+
+
+def run_sweep_chunks(plans: list[Plan], chunks, inputs: _Inputs, writes: list[Callable], stats: bool = True
+                     ) -> list[dict[str, tuple[kernels.Stats, kernels.Stats]]]:
+    """`run_chunks` for the outputs of a sweep: each chunk is read once (through plans[0]'s slots) and computed
+    with each plan's alphas; writes[j] gets plans[j]'s bytes. Returns the statistics of each output."""
+    founds: list[dict[str, tuple[kernels.Stats, kernels.Stats]]] = [{} for _ in plans]
+    sets = [_Buffers(plans[0].chunk_bytes, len(plans)) for _ in range(DEPTH)]
     # One compute thread: the reader and writer threads keep the other cores busy, and torch's intra-op threads
     # would spin at a barrier for every small block while those hold the cores (measured: 2.5x slower runs).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _pipeline(plan, chunks, inputs, write, stats, found, sets)
+        _pipeline(plans, chunks, inputs, writes, stats, founds, sets)
+        return founds
     finally:
         torch.set_num_threads(threads)
 
 
-def _pipeline(plan, chunks, inputs, write, stats, found, sets):
+def _write_outputs(writes: list[Callable], ts: list[TensorPlan], c: Chunk, outs: list[torch.Tensor]) -> None:
+    for write, t, out in zip(writes, ts, outs, strict=True):
+        write(t, c, memoryview(out.view(torch.uint8).numpy()))
+
+
+def _pipeline(plans, chunks, inputs, writes, stats, founds, sets):
+    plan, last = plans[0], len(plans) - 1
     with (ThreadPoolExecutor(1, "expo-read") as reader, ThreadPoolExecutor(1, "expo-write") as writer,
           ThreadPoolExecutor(COMPUTE_THREADS, "expo-compute") as compute):
 
@@ -256,23 +298,25 @@ def _pipeline(plan, chunks, inputs, write, stats, found, sets):
                 inputs.prefetch(plan.tensors[n.tensor], n)
             return _read(inputs, plan.tensors[c.tensor], c, sets[k % DEPTH])
 
-        writes = {}
+        pending_writes = {}
         pending = reader.submit(read, 0) if chunks else None
         for k, c in enumerate(chunks):
             s, a = pending.result()
             nxt = k + 1
             if nxt < len(chunks):
-                if nxt - DEPTH in writes:  # that buffer set is free once its write is done
-                    writes.pop(nxt - DEPTH).result()
+                if nxt - DEPTH in pending_writes:  # that buffer set is free once its writes are done
+                    pending_writes.pop(nxt - DEPTH).result()
                 pending = reader.submit(read, nxt)
-            t = plan.tensors[c.tensor]
-            out = _compute(t, s, a, sets[k % DEPTH], plan.alpha, found, stats, compute)
-            writes[k] = writer.submit(write, t, c, memoryview(out.view(torch.uint8).numpy()))
-            for j in [j for j, f in writes.items() if f.done()]:
-                writes.pop(j).result()  # surfaces a failed write early
-        for f in writes.values():
+            ts = [p.tensors[c.tensor] for p in plans]
+            bufs = sets[k % DEPTH]
+            # Every output from the same input buffers; only the last may overwrite the aligned one, after the
+            # others have read it.
+            outs = [_compute(t, s, a, bufs.outs[j], j == last, founds[j], stats, compute) for j, t in enumerate(ts)]
+            pending_writes[k] = writer.submit(_write_outputs, writes, ts, c, outs)
+            for j in [j for j, f in pending_writes.items() if f.done()]:
+                pending_writes.pop(j).result()  # surfaces a failed write early
+        for f in pending_writes.values():
             f.result()
-    return found
 
 
 def _read(inputs: _Inputs, t: TensorPlan, c: Chunk, bufs: _Buffers):
@@ -281,12 +325,14 @@ def _read(inputs: _Inputs, t: TensorPlan, c: Chunk, bufs: _Buffers):
     return s, a
 
 
-def _compute(t: TensorPlan, s: torch.Tensor | None, a: torch.Tensor, bufs: _Buffers, alpha: float,
+def _compute(t: TensorPlan, s: torch.Tensor | None, a: torch.Tensor, out_buf: torch.Tensor, in_place: bool,
              found: dict, stats: bool, pool: ThreadPoolExecutor) -> torch.Tensor:
+    """One output of one chunk, with the tensor's alpha: over the aligned buffer when `in_place` allows and the
+    dtypes agree, else into `out_buf`."""
     if t.action == "copy":
         return a
-    dtype = dtypes.TORCH[t.dtype]
-    out = a if a.dtype == dtype else bufs.out[: a.numel() * dtype.itemsize].view(dtype)
+    dtype, alpha = dtypes.TORCH[t.dtype], t.alpha
+    out = a if in_place and a.dtype == dtype else out_buf[: a.numel() * dtype.itemsize].view(dtype)
     if not stats:
         # Without statistics only the count and whether the output may hold NaN or Inf are kept (for the check
         # that the formula did not overflow; see scan_nonfinite).

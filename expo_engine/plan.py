@@ -36,6 +36,7 @@ class TensorPlan:
     aligned: TensorSlot
     shard: str  # output file name
     offset: int  # absolute byte offset of the tensor's first element in that file
+    alpha: float  # the alpha of this tensor: the plan's, or what an alpha rule gave it
 
     @property
     def numel(self) -> int:
@@ -65,12 +66,19 @@ class Chunk:
 
 @dataclass(frozen=True)
 class Plan:
-    alpha: float
+    alpha: float  # the base alpha: every tensor's, unless an alpha rule gave it another (TensorPlan.alpha)
     chunk_bytes: int
     tensors: tuple[TensorPlan, ...]  # in write order: by shard, then offset
     shards: tuple[ShardPlan, ...]
     chunks: tuple[Chunk, ...]  # in write order
     total_size: int  # sum of output tensor bytes (the index's metadata.total_size)
+    alpha_rules: tuple[str, ...] = ()  # the rules, as written, that set TensorPlan.alpha
+
+    @property
+    def alpha_overrides(self) -> dict[str, float]:
+        """{tensor name: alpha} of the extrapolated tensors whose alpha is not the base alpha."""
+        return {t.name: t.alpha for t in sorted(self.tensors, key=lambda t: t.name)
+                if t.action == "extrapolate" and t.alpha != self.alpha}
 
     @property
     def weight_map(self) -> dict[str, str]:
@@ -136,6 +144,70 @@ def check_alpha(alpha) -> float:
     return value
 
 
+MAX_SWEEP = 64  # alphas in one sweep: each adds one chunk buffer per buffer set, and one output folder
+
+
+def check_alphas(alphas) -> tuple[float, ...]:
+    """A sweep's alphas as finite floats, in the given order; OptionError if empty, too many or repeated."""
+    if isinstance(alphas, (str, bytes)) or not hasattr(alphas, "__iter__"):
+        raise OptionError(f"a sweep needs a list of alphas, got {alphas!r}")
+    values = tuple(check_alpha(a) for a in alphas)
+    if not values:
+        raise OptionError("a sweep needs at least one alpha")
+    if len(values) > MAX_SWEEP:
+        raise OptionError(f"a sweep of {len(values)} alphas is more than {MAX_SWEEP}; split it into several runs")
+    seen = set()
+    for a in values:
+        if a in seen:
+            raise OptionError(f"alpha {a:g} appears twice in the sweep")
+        seen.add(a)
+    return values
+
+
+def parse_alphas(text: str) -> tuple[float, ...]:
+    """`0.3` (one alpha), `0.1,0.2,0.3` (a list) or `START:STOP:STEP` (STOP included when a whole number of
+    steps reaches it). The range is stepped in decimal, so `0.1:0.5:0.1` gives exactly the floats of `0.1`, `0.2`,
+    ..., `0.5` as written, the same alphas single runs would get."""
+    from decimal import Decimal, InvalidOperation
+
+    text = text.strip()
+    if ":" not in text:
+        return check_alphas([_number(part, text) for part in text.split(",")])
+    parts = text.split(":")
+    if len(parts) != 3:
+        raise OptionError(f"alpha range {text!r} must be START:STOP:STEP, like 0.1:0.5:0.1")
+    try:
+        start, stop, step = (Decimal(p.strip()) for p in parts)
+    except InvalidOperation:
+        raise OptionError(f"alpha range {text!r} must be START:STOP:STEP with three numbers, like 0.1:0.5:0.1"
+                          ) from None
+    if not all(d.is_finite() for d in (start, stop, step)):
+        raise OptionError(f"alpha range {text!r} must have finite numbers")
+    if step <= 0:
+        raise OptionError(f"alpha range {text!r}: the step must be positive")
+    if stop < start:
+        raise OptionError(f"alpha range {text!r}: STOP is below START (the form is START:STOP:STEP)")
+    count = int((stop - start) / step) + 1
+    if count > MAX_SWEEP:
+        raise OptionError(f"alpha range {text!r} has {count} alphas, more than {MAX_SWEEP}; use a larger step")
+    return check_alphas([float(start + k * step) for k in range(count)])
+
+
+def _number(part: str, text: str) -> float:
+    try:
+        return float(part)
+    except ValueError:
+        raise OptionError(f"alpha {text!r}: {part.strip()!r} is not a number (give one alpha, a list like "
+                          "0.1,0.2,0.3 or a range like 0.1:0.5:0.1)") from None
+
+
+def sweep_folder(alpha: float) -> str:
+    """The output folder name of one alpha of a sweep: `alpha-0.3`, `alpha-8`, `alpha--0.5`, exact (the float
+    reads back from the name) and stable."""
+    text = format(alpha, "g")
+    return f"alpha-{text if float(text) == alpha else repr(alpha)}"
+
+
 def parse_size(size: int | str) -> int:
     """`5GB`, `500MB`, `2KB` (decimal units, as huggingface_hub uses) or a plain number of bytes."""
     if isinstance(size, int):
@@ -160,8 +232,12 @@ def make_plan(
     dtype: str | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    rules=(),
 ) -> Plan:
-    """Match the checkpoints by tensor name and lay out the output. Raises MismatchError/OptionError."""
+    """Match the checkpoints by tensor name and lay out the output. Raises MismatchError/OptionError.
+
+    `rules` (alpha rules: `rules.Rule`s, `PATTERN=VALUE` strings or rules-file dicts) give tensors another alpha
+    than `alpha`; the first rule that selects a tensor wins (see expo_engine.rules)."""
     alpha = check_alpha(alpha)
     if chunk_bytes < 1:
         raise OptionError("the chunk size must be positive")
@@ -178,6 +254,12 @@ def make_plan(
             )
         drafts[name] = (s, a, *_action(name, s, a, out_float))
 
+    alphas = {}
+    if rules:
+        from .rules import as_rules, resolve  # here, not at the top: rules -> norms -> executor -> plan
+
+        rules = as_rules(rules)
+        alphas = resolve(rules, [n for n, d in drafts.items() if d[2] == "extrapolate"], alpha)
     split = split_state_dict_into_shards_factory(
         drafts,
         get_storage_size=lambda d: math.prod(d[1].shape) * dtypes.itemsize(d[3]),
@@ -198,7 +280,7 @@ def make_plan(
         for n in names:
             s, a, action, out_dtype = drafts[n]
             start = len(header) + header_json[n]["data_offsets"][0]
-            tensors.append(TensorPlan(n, a.shape, action, out_dtype, s, a, filename, start))
+            tensors.append(TensorPlan(n, a.shape, action, out_dtype, s, a, filename, start, alphas.get(n, alpha)))
         shards.append(ShardPlan(filename, header, len(header) + offset, tuple(names)))
 
     chunks = []
@@ -207,7 +289,8 @@ def make_plan(
         step = max(1, chunk_bytes // widest)
         chunks.extend(Chunk(i, start, min(start + step, t.numel)) for start in range(0, t.numel, step))
     total = sum(t.nbytes for t in tensors)
-    return Plan(float(alpha), chunk_bytes, tuple(tensors), tuple(shards), tuple(chunks), total)
+    return Plan(float(alpha), chunk_bytes, tuple(tensors), tuple(shards), tuple(chunks), total,
+                tuple(r.text for r in rules) if rules else ())
 
 
 def _out_dtype(dtype: str | None) -> str | None:

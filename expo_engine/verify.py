@@ -76,7 +76,8 @@ def verify(
 ) -> VerifyReport:
     """Check the ExPO model in folder `out`; with `sft` and `aligned`, check every element against the formula.
 
-    `alpha` defaults to the one recorded in `out/expo.json`. `sample` (in (0, 1]) checks that fraction of the
+    `alpha` defaults to the one recorded in `out/expo.json`; tensors that alpha rules gave another alpha are
+    checked with the one recorded for them there (`alpha_by_tensor`). `sample` (in (0, 1]) checks that fraction of the
     chunks, chosen at random with `seed` (checksums and structure are always checked in full). Memory: three
     buffers of `chunk_bytes` plus about 100 MB of float64 scratch (1 M elements at a time), whatever the model's
     size. Every file is read once to hash it, and the shards again, with the sources, to check elements.
@@ -111,7 +112,10 @@ def verify(
     if sources is None:
         return VerifyReport(problems=problems, alpha=None, elements_checked=0, worst_steps=0.0, failing_tensors=[],
                             **report)
-    checked, worst, failing = _check_elements(slots, *sources, alpha, sample, seed, chunk_bytes, problems)
+    # alpha rules: the tensors that got another alpha are recorded with it in expo.json
+    overrides = {name: float(a) for name, a in ((provenance or {}).get("alpha_by_tensor") or {}).items()}
+    checked, worst, failing = _check_elements(slots, *sources, alpha, sample, seed, chunk_bytes, problems,
+                                              overrides)
     return VerifyReport(problems=problems, alpha=alpha, elements_checked=checked, worst_steps=worst,
                         failing_tensors=failing, **report)
 
@@ -290,7 +294,7 @@ def _sha256(path: str) -> str:
 # 3. Elements
 
 
-def _check_elements(slots, sft, aligned, alpha, sample, seed, chunk_bytes, problems):
+def _check_elements(slots, sft, aligned, alpha, sample, seed, chunk_bytes, problems, overrides=None):
     """Return (elements checked, worst steps, failing tensors) for the output tensors in `slots`."""
     shared = _shared_names(sft, aligned)  # the names an output of these sources holds; raises MismatchError
     names = {s.name for s in slots}
@@ -335,7 +339,7 @@ def _check_elements(slots, sft, aligned, alpha, sample, seed, chunk_bytes, probl
                 worst = math.inf if bad else 0.0
             else:
                 s_vals = inputs.read_into(buf_sft, s, start, stop)
-                worst, bad = _float_errors(got, s_vals, want, alpha)
+                worst, bad = _float_errors(got, s_vals, want, (overrides or {}).get(o.name, alpha))
             stats[i][0], stats[i][1] = max(stats[i][0], worst), stats[i][1] + bad
     finally:
         inputs.close()
