@@ -57,6 +57,7 @@ class Summary:
     tree_peak_bytes: int = 0  # Ray: peak summed RSS of this process and its children (Ray's and the workers)
     warnings: list[str] = field(default_factory=list)  # e.g. NaN/Inf already in an input, carried through
     alpha_overrides: dict = field(default_factory=dict)  # {tensor: alpha} where an alpha rule changed `alpha`
+    device: str = "cpu"  # where the arithmetic ran: "cpu", or "cuda:N (GPU name, kernel)" / "cuda (Ray GPUs)"
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ def extrapolate(
     unit_bytes: int = DEFAULT_UNIT_BYTES,
     allow_nonfinite: bool = False,
     alpha_rules=None,
+    device: str = "auto",
     on_plan: Callable[[Plan], None] | None = None,
     on_executor: Callable[[str, str], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
@@ -118,6 +120,10 @@ def extrapolate(
     alpha of every tensor that differs from `alpha` is recorded in expo.json (`alpha_by_tensor`). For several
     alphas from one read of the inputs, see :func:`extrapolate_sweep`.
 
+    `device`: where the arithmetic runs: "cpu", "cuda" / "cuda:N" (a fused Triton kernel, or torch ops where
+    Triton cannot run, with reads and writes overlapping the transfers; with Ray, one GPU per task), or "auto"
+    (cuda when this machine sees a GPU). Reading and writing stay on the host either way.
+
     Raises an :class:`~expo_engine.errors.ExpoError` subclass for every user error.
     """
     started = time.monotonic()
@@ -126,7 +132,7 @@ def extrapolate(
     return _execute(job, started, stats=stats, executor=executor, workers=workers, ray_address=ray_address,
                     max_memory=max_memory, unit_bytes=unit_bytes, allow_nonfinite=allow_nonfinite,
                     on_plan=(lambda plans: on_plan(plans[0])) if on_plan else None, on_executor=on_executor,
-                    on_progress=on_progress)[0]
+                    on_progress=on_progress, device=device)[0]
 
 
 def extrapolate_sweep(
@@ -143,6 +149,7 @@ def extrapolate_sweep(
     stats: bool = True,
     executor: str = "auto",
     allow_nonfinite: bool = False,
+    device: str = "auto",
     on_plan: Callable[[tuple[Plan, ...]], None] | None = None,
     on_executor: Callable[[str, str], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
@@ -174,7 +181,7 @@ def extrapolate_sweep(
     try:
         runs = _execute(job, started, stats=stats, executor=executor, workers=None, ray_address=None,
                         max_memory=None, unit_bytes=DEFAULT_UNIT_BYTES, allow_nonfinite=allow_nonfinite,
-                        on_plan=on_plan, on_executor=on_executor, on_progress=on_progress)
+                        on_plan=on_plan, on_executor=on_executor, on_progress=on_progress, device=device)
     except BaseException:
         if made:  # the parent folder this run created, now empty again: a failed sweep leaves nothing behind
             with contextlib.suppress(OSError):
@@ -222,10 +229,13 @@ def prepare(sft: str, aligned: str, alpha, out: str, *, sweep: bool = False, alp
 
 
 def _execute(job: Job, started: float, *, stats, executor, workers, ray_address, max_memory, unit_bytes,
-             allow_nonfinite, on_plan, on_executor, on_progress) -> list[Summary]:
+             allow_nonfinite, on_plan, on_executor, on_progress, device="auto") -> list[Summary]:
     plans = job.plans
     plan = plans[0]
     kind, why = choose_executor(executor, plan, workers, ray_address, sweep=len(plans) if job.sweep else 0)
+    dev, device_name = choose_device(device, kind, len(plans))
+    if device_name != "cpu":
+        why += f"; arithmetic on {device_name}"
     budget = parse_size(max_memory) if max_memory is not None else None
     if on_plan:
         on_plan(plans)
@@ -240,21 +250,22 @@ def _execute(job: Job, started: float, *, stats, executor, workers, ray_address,
         units = make_units(plan, unit_bytes)
         with Staging(job.outs[0], plan, journal_key(plan, units, stats)) as staging:
             found, report = execute_ray(plan, units, staging, workers=workers, address=ray_address,
-                                        max_memory=budget, stats=stats, on_progress=on_progress)
+                                        max_memory=budget, stats=stats, on_progress=on_progress,
+                                        device="cuda" if device_name != "cpu" else "cpu")
             warnings = [check_finite(plan, staging, found, allow_nonfinite)]
-            files = [_publish(staging, plan, job, found if stats else None, phases)]
+            files = [_publish(staging, plan, job, found if stats else None, phases, device_name)]
         phases = {"plan": phases["plan"], **report.phases, "hash+publish": phases["hash+publish"]}
     else:
         t = time.monotonic()
         with contextlib.ExitStack() as stack:
             stagings = [stack.enter_context(Staging(o, p)) for o, p in zip(job.outs, plans, strict=True)]
-            founds = execute_sweep(list(plans), stagings, on_progress, stats=stats)
+            founds = execute_sweep(list(plans), stagings, on_progress, stats=stats, device=dev)
             phases["compute"] = time.monotonic() - t
             # Every output is checked before the first is published: a sweep publishes all of its outputs or none
             # (short of a failure between the renames themselves).
             warnings = [check_finite(p, st, f, allow_nonfinite) for p, st, f in zip(plans, stagings, founds,
                                                                                     strict=True)]
-            files = [_publish(st, p, job, f if stats else None, phases)
+            files = [_publish(st, p, job, f if stats else None, phases, device_name)
                      for p, st, f in zip(plans, stagings, founds, strict=True)]
     n_extra = sum(t.action == "extrapolate" for t in plan.tensors)
     return [Summary(
@@ -279,7 +290,36 @@ def _execute(job: Job, started: float, *, stats, executor, workers, ray_address,
         tree_peak_bytes=report.tree_peak if report else 0,
         warnings=w,
         alpha_overrides=p.alpha_overrides,
+        device=device_name,
     ) for out_path, p, fs, w in zip(job.outs, plans, files, warnings, strict=True)]
+
+
+def choose_device(device: str, kind: str, outputs: int):
+    """(torch.device or None, name) for where the arithmetic runs; an OptionError for what cannot run."""
+    from .gpu import cuda_available, kernel_for, resolve_device
+
+    name = str(device).strip().lower()
+    if kind == "ray":
+        # Ray assigns the GPUs: only "cuda" (one per task) makes sense; "auto" asks whether this machine has one.
+        if name.startswith("cuda:"):
+            raise OptionError(f"--device {name}: on Ray each task gets a GPU from Ray; use --device cuda")
+        if name == "cuda" or (name == "auto" and cuda_available()):
+            return None, "cuda (one Ray GPU per task)"
+        if name not in ("cpu", "auto"):
+            raise OptionError(f"device must be cpu, cuda, cuda:N or auto, not {device!r}")
+        return None, "cpu"
+    if outputs > 1:
+        if name != "auto" and name != "cpu":
+            resolve_device(name)  # a bad name or an absent GPU is reported as such
+            raise OptionError("alpha sweeps run on the CPU for now (the CUDA path computes one alpha at a time); "
+                              "drop --device or run one alpha at a time on the GPU")
+        return None, "cpu"
+    dev = resolve_device(name)
+    if dev.type != "cuda":
+        return None, "cpu"
+    import torch
+
+    return dev, f"{dev} ({torch.cuda.get_device_name(dev)}, {kernel_for(dev)} kernel)"
 
 
 RAY_MIN_BYTES = 20 * 10**9  # below this, Ray's start-up (~5 s) and per-task imports outweigh what it adds here
@@ -339,9 +379,10 @@ def check_finite(plan: Plan, staging: Staging, found: dict[str, tuple[Stats, Sta
             "element(s)), carried into the output; --allow-nonfinite silences this" for r in found_bad]
 
 
-def _publish(staging: Staging, plan: Plan, job: Job, found: dict | None, phases: dict) -> dict:
+def _publish(staging: Staging, plan: Plan, job: Job, found: dict | None, phases: dict,
+             device: str = "cpu") -> dict:
     t = time.monotonic()
-    prov = provenance(plan, job.sft, job.aligned)
+    prov = provenance(plan, job.sft, job.aligned) | {"device": device}
     if job.sweep:
         prov["sweep"] = {"alphas": [p.alpha for p in job.plans],
                          "note": "one of the outputs of an alpha sweep, all written from one read of the inputs"}

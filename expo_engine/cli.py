@@ -94,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
                                                         "(default: half the available memory, at most 4 GiB)")
     x.add_argument("--unit-mb", type=_positive, default=256.0, metavar="N",
                    help="Ray: output bytes per task and per journal entry, in MiB (default %(default)g)")
+    x.add_argument("--device", default="auto", metavar="cpu|cuda|cuda:N|auto",
+                   help="where the arithmetic runs (default auto: cuda when this machine sees a GPU); on Ray, cuda "
+                        "gives each task one GPU. Reading and writing stay on the host")
     x.add_argument("--no-stats", dest="stats", action="store_false",
                    help="skip the norms of the change and of the applied update (stored in expo.json by default, "
                         "computed in the same pass; see expo norms --from)")
@@ -202,7 +205,8 @@ def _run_extrapolate(args) -> int:
     progress = Progress()
     common = dict(alpha_rules=rules, dtype=args.dtype, max_shard_size=args.max_shard_size, chunk_bytes=chunk_bytes,
                   overwrite=args.overwrite, stats=args.stats, executor=args.executor,
-                  allow_nonfinite=args.allow_nonfinite, on_executor=_say_executor, on_progress=progress.advance)
+                  allow_nonfinite=args.allow_nonfinite, device=args.device, on_executor=_say_executor,
+                  on_progress=progress.advance)
     if sweep:
         summary = extrapolate_sweep(args.sft, args.aligned, args.alpha, args.out,
                                     on_plan=lambda plans: progress.start(plans[0], len(plans)), **common)

@@ -166,7 +166,7 @@ def probe_nodes(ray, plan: Plan, staging_dir: str) -> list[dict]:
 
 
 def run_unit(plan: Plan, unit: Unit, staging_dir: str, stats: bool, expect: str | None = None,
-             faults: dict | None = None) -> dict:
+             faults: dict | None = None, device: str = "cpu") -> dict:
     """Compute one unit and write it at its planned bytes of the staging shard (idempotent).
 
     With `expect` (a sha256 from the journal), first hash what is on disk: if it matches, the unit is done.
@@ -197,7 +197,12 @@ def run_unit(plan: Plan, unit: Unit, staging_dir: str, stats: bool, expect: str 
                                                                    plan.tensors[c.tensor].aligned)},
                          direct=direct_io())
         try:
-            found = run_chunks(plan, chunks, inputs, write, stats)
+            if device == "cuda":  # Ray gave this task one GPU (num_gpus=1) and set CUDA_VISIBLE_DEVICES to it
+                from .gpu import resolve_device, run_chunks_cuda
+
+                found = run_chunks_cuda(plan, chunks, inputs, write, stats, device=resolve_device("cuda"))
+            else:
+                found = run_chunks(plan, chunks, inputs, write, stats)
             inputs.check_unchanged()
         finally:
             inputs.close()
@@ -235,8 +240,11 @@ def _maybe_fail(unit: Unit, faults: dict) -> None:
 
 def execute_ray(plan: Plan, units: tuple[Unit, ...], staging: Staging, *, workers: int | None = None,
                 address: str | None = None, max_memory: int | None = None, stats: bool = True,
-                on_progress=None) -> tuple[dict, RunReport]:
-    """Run every unit on Ray, journaling each one; returns the merged statistics and a report."""
+                on_progress=None, device: str = "cpu") -> tuple[dict, RunReport]:
+    """Run every unit on Ray, journaling each one; returns the merged statistics and a report.
+
+    With `device` "cuda" every task asks Ray for one GPU (`num_gpus=1`), so each GPU of each node runs one unit at
+    a time; nodes without GPUs take none."""
     report = RunReport(units=len(units))
     t0 = time.monotonic()
     memory = _TreeMemory()
@@ -251,10 +259,16 @@ def execute_ray(plan: Plan, units: tuple[Unit, ...], staging: Staging, *, worker
         nodes = _alive_nodes(ray)
         per_node = max(1, budget // per_task)
         cap = sum(min(per_node, max(1, int(n["Resources"].get("CPU", 1)))) for n in nodes)
+        if device == "cuda":
+            gpus = sum(int(n["Resources"].get("GPU", 0)) for n in nodes)
+            if not gpus:
+                raise OptionError("--device cuda on Ray: no node of the cluster has a GPU; use --device cpu")
+            cap = sum(min(per_node, int(n["Resources"].get("GPU", 0))) for n in nodes)
         if not address and not os.environ.get("RAY_ADDRESS") and workers:
             cap = min(cap, workers)
         report.max_in_flight = cap
-        task = ray.remote(num_cpus=1, max_retries=3, memory=per_task)(run_unit)
+        task = ray.remote(num_cpus=1, num_gpus=1 if device == "cuda" else 0, max_retries=3,
+                          memory=per_task)(run_unit)
         plan_ref = ray.put(plan)
         found: dict[str, tuple[kernels.Stats, kernels.Stats]] = {}
         done = staging.journal_done()
@@ -273,7 +287,7 @@ def execute_ray(plan: Plan, units: tuple[Unit, ...], staging: Staging, *, worker
                     u = todo.pop(0)
                     prior = done.get(u.index)
                     pending[task.remote(plan_ref, u, staging.dir, stats, prior["sha256"] if prior else None,
-                                        faults)] = u
+                                        faults, device)] = u
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 for ref in ready:
                     u = pending.pop(ref)

@@ -216,17 +216,18 @@ def scan_nonfinite(plan: Plan, staging_dir: str, names: list[str]) -> list[NonFi
 
 
 def execute(plan: Plan, staging: Staging, on_progress: Callable[[int], None] | None = None,
-            stats: bool = True) -> dict[str, tuple[kernels.Stats, kernels.Stats]]:
+            stats: bool = True, device=None) -> dict[str, tuple[kernels.Stats, kernels.Stats]]:
     """Compute every chunk of `plan` and write it into `staging`. Raises InputChangedError if an input moved.
 
     With `stats`, the fused kernel also returns, per extrapolated tensor, the statistics of the change
-    (aligned - sft) and of the applied update (out - aligned), from the same pass over the data.
+    (aligned - sft) and of the applied update (out - aligned), from the same pass over the data. With a CUDA
+    `device` (a torch.device) the arithmetic runs there (gpu.run_chunks_cuda); reading and writing stay here.
     """
-    return execute_sweep([plan], [staging], on_progress, stats)[0]
+    return execute_sweep([plan], [staging], on_progress, stats, device)[0]
 
 
 def execute_sweep(plans: list[Plan], stagings: list[Staging], on_progress: Callable[[int], None] | None = None,
-                  stats: bool = True) -> list[dict[str, tuple[kernels.Stats, kernels.Stats]]]:
+                  stats: bool = True, device=None) -> list[dict[str, tuple[kernels.Stats, kernels.Stats]]]:
     """`execute` for several outputs of one layout (an alpha sweep: the plans differ only in their alphas), from
     one read of the inputs: plans[j] is written into stagings[j]. Returns the statistics of each output."""
     check_same_layout(plans)
@@ -240,7 +241,14 @@ def execute_sweep(plans: list[Plan], stagings: list[Staging], on_progress: Calla
 
     inputs = _Inputs(input_paths(plans[0]), direct=direct_io())
     try:
-        founds = run_sweep_chunks(plans, plans[0].chunks, inputs, [writer(s) for s in stagings], stats)
+        if device is not None and device.type == "cuda":
+            if len(plans) > 1:
+                raise ValueError("the CUDA path runs one alpha at a time")
+            from .gpu import run_chunks_cuda  # here: gpu imports this module
+
+            founds = [run_chunks_cuda(plans[0], plans[0].chunks, inputs, writer(stagings[0]), stats, device=device)]
+        else:
+            founds = run_sweep_chunks(plans, plans[0].chunks, inputs, [writer(s) for s in stagings], stats)
         inputs.check_unchanged()
     finally:
         inputs.close()

@@ -241,3 +241,13 @@ def test_nonfinite_checks_cover_ray_units(cluster, tmp_path, stats):
     with pytest.raises(NonFiniteError, match=UP):
         extrapolate(sft, aligned, 1.0, out, executor="ray", stats=stats, **SMALL)
     assert not os.path.exists(out) and not os.path.exists(staging_path(out))
+
+
+def test_device_cuda_on_a_cluster_without_gpus_is_refused(cluster, pairs, tmp_path):
+    from expo_engine.errors import OptionError
+
+    p = pairs["untied-mixed"]
+    out = str(tmp_path / "out")
+    with pytest.raises(OptionError, match="no node of the cluster has a GPU"):
+        extrapolate(p.sft, p.aligned, 0.3, out, executor="ray", device="cuda", **SMALL)
+    assert not os.path.exists(out) and not os.path.exists(staging_path(out))

@@ -468,3 +468,71 @@ def test_gpu_pipeline_on_a_transformers_pair(pair):
     aligned = {k: v.reshape(-1) for k, v in pair.aligned_state.items()}
     outs = {k: v for k, v in outs.items() if k in aligned}
     check_run(outs, found, sft, aligned, 0.5, rtol=RTOL_CPU)
+
+
+# --- --device through the CLI and the API ----------------------------------------------------------------------
+
+def _cli(*args) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    from expo_engine.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(["extrapolate", *map(str, args)])
+    return rc, err.getvalue()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without a GPU")
+@pytest.mark.parametrize("extra, needles", [
+    (["--device", "cuda"], ["--device cuda", "no CUDA GPU is available", "--device cpu"]),
+    (["--device", "tpu"], ["device must be cpu, cuda, cuda:N or auto", "'tpu'"]),
+    (["--device", "cuda:1", "--executor", "ray"], ["on Ray each task gets a GPU from Ray"]),
+])
+def test_device_errors_before_anything_is_written(disk_pair, tmp_path, extra, needles):
+    sft, aligned = disk_pair
+    out = tmp_path / "out"
+    rc, err = _cli("--sft", sft, "--aligned", aligned, "--alpha", "0.3", "--out", out, *extra)
+    assert rc == 2 and "Traceback" not in err
+    line = [x for x in err.splitlines() if x.startswith("expo: error:")]
+    assert len(line) == 1 and all(n in line[0] for n in needles), err
+    assert not os.path.lexists(out) and os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without a GPU")
+def test_a_sweep_on_cuda_is_refused(disk_pair, tmp_path):
+    sft, aligned = disk_pair
+    rc, err = _cli("--sft", sft, "--aligned", aligned, "--alpha", "0.3,0.4", "--out", tmp_path / "sw",
+                   "--device", "cuda")
+    assert rc == 2 and "no CUDA GPU" in err and not os.path.lexists(tmp_path / "sw")
+
+
+def test_device_is_recorded(disk_pair, tmp_path):
+    from expo_engine import extrapolate
+
+    sft, aligned = disk_pair
+    s = extrapolate(sft, aligned, 0.3, str(tmp_path / "out"), device="cpu")
+    assert s.device == "cpu"
+    with open(tmp_path / "out" / "expo.json") as f:
+        assert json.load(f)["device"] == "cpu"
+
+
+@needs_cuda
+@pytest.mark.parametrize("stats", [True, False])
+def test_cli_device_cuda_end_to_end(pair, tmp_path, stats):
+    """`expo extrapolate --device cuda` on a real GPU: exact output, the device recorded, verify passes."""
+    from helpers import load_output, worst_steps
+
+    from expo_engine.verify import verify
+
+    out = tmp_path / "out"
+    rc, err = _cli("--sft", pair.sft, "--aligned", pair.aligned, "--alpha", "0.5", "--out", out, "--device",
+                   "cuda", "--chunk-mb", "0.01", *([] if stats else ["--no-stats"]))
+    assert rc == 0, err
+    assert "arithmetic on cuda" in err
+    assert worst_steps(load_output(str(out)), pair.sft_state, pair.aligned_state, 0.5) <= 1
+    with open(out / "expo.json") as f:
+        prov = json.load(f)
+    assert prov["device"].startswith("cuda") and ("stats" in prov) == stats
+    assert verify(str(out), sft=pair.sft, aligned=pair.aligned).ok
