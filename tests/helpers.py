@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -90,3 +91,22 @@ def worst_steps(out: dict, sft: dict, aligned: dict, alpha: float, names=None) -
 def copy_tree(src: str, dst: str) -> str:
     shutil.copytree(src, dst)
     return dst
+
+
+def fake_hub_repo(cache: str, repo: str, folder: str, commit: str) -> str:
+    """huggingface_hub's cache layout for `folder`: models--ORG--NAME/{blobs/<sha256>, refs/main, snapshots/<commit>/}
+    with every snapshot file a relative link `../../blobs/<sha256>`. Returns the snapshot folder."""
+    repo_dir = os.path.join(cache, "models--" + repo.replace("/", "--"))
+    snap = os.path.join(repo_dir, "snapshots", commit)
+    for sub in ("blobs", "refs", snap):
+        os.makedirs(os.path.join(repo_dir, sub), exist_ok=True)
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name), "rb") as f:
+            data = f.read()
+        blob = hashlib.sha256(data).hexdigest()
+        with open(os.path.join(repo_dir, "blobs", blob), "wb") as f:
+            f.write(data)
+        os.symlink(os.path.join("..", "..", "blobs", blob), os.path.join(snap, name))
+    with open(os.path.join(repo_dir, "refs", "main"), "w") as f:
+        f.write(commit)
+    return snap

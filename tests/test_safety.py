@@ -9,7 +9,6 @@ that must be accepted (inside the folder, the Hub cache layout) are checked to g
 from __future__ import annotations
 
 import builtins
-import hashlib
 import io
 import json
 import os
@@ -20,8 +19,9 @@ import traceback
 
 import pytest
 import torch
-from helpers import load_output
+from helpers import fake_hub_repo, load_output
 from safetensors.torch import save_file
+from test_errors import snapshot
 
 from expo_engine.cli import main
 from expo_engine.errors import SourceError
@@ -106,23 +106,6 @@ def run_process(env_extra: dict, *args) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **env_extra}
     return subprocess.run([sys.executable, "-m", "expo_engine.cli", *map(str, args)],
                           env=env, capture_output=True, text=True, timeout=120)
-
-
-def snapshot(root) -> dict[str, str]:
-    """Every file (sha256, mtime), folder and link (its text) under root."""
-    seen = {}
-    for folder, dirs, files in os.walk(root):
-        for name in dirs + files:
-            path = os.path.join(folder, name)
-            rel = os.path.relpath(path, root)
-            if os.path.islink(path):
-                seen[rel] = "link -> " + os.readlink(path)
-            elif os.path.isdir(path):
-                seen[rel] = "dir"
-            else:
-                with open(path, "rb") as f:
-                    seen[rel] = f"{hashlib.sha256(f.read()).hexdigest()} mtime {os.stat(path).st_mtime_ns}"
-    return seen
 
 
 def assert_nothing_at(out) -> None:
@@ -299,25 +282,6 @@ def test_links_inside_the_folder_are_accepted(tmp_path, capsys, aligned_layout):
 
 # ---------------------------------------------------------------------------------------------------------------
 # The Hugging Face cache: snapshot files are relative links into the repo's own blobs/
-
-
-def fake_hub_repo(cache: str, repo: str, folder: str, commit: str) -> str:
-    """huggingface_hub's cache layout for `folder`: models--ORG--NAME/{blobs/<sha256>, refs/main, snapshots/<commit>/}
-    with every snapshot file a relative link `../../blobs/<sha256>`. Returns the snapshot folder."""
-    repo_dir = os.path.join(cache, "models--" + repo.replace("/", "--"))
-    snap = os.path.join(repo_dir, "snapshots", commit)
-    for sub in ("blobs", "refs", snap):
-        os.makedirs(os.path.join(repo_dir, sub), exist_ok=True)
-    for name in sorted(os.listdir(folder)):
-        with open(os.path.join(folder, name), "rb") as f:
-            data = f.read()
-        blob = hashlib.sha256(data).hexdigest()
-        with open(os.path.join(repo_dir, "blobs", blob), "wb") as f:
-            f.write(data)
-        os.symlink(os.path.join("..", "..", "blobs", blob), os.path.join(snap, name))
-    with open(os.path.join(repo_dir, "refs", "main"), "w") as f:
-        f.write(commit)
-    return snap
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from helpers import load_output, save_bin_sharded, worst_steps
+from helpers import fake_hub_repo, load_output, save_bin_sharded, worst_steps
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
@@ -142,31 +142,11 @@ def test_header_parser_fuzz(header, extra, mutate):
 # Hugging Face cache: repo ids resolve from a real cache layout (blobs, refs, snapshots with relative symlinks).
 
 
-def _fake_hub_cache(cache, repo: str, folder: str, commit: str = "a" * 40) -> str:
-    import hashlib
-
-    repo_dir = os.path.join(cache, "models--" + repo.replace("/", "--"))
-    snap = os.path.join(repo_dir, "snapshots", commit)
-    os.makedirs(os.path.join(repo_dir, "blobs"), exist_ok=True)
-    os.makedirs(os.path.join(repo_dir, "refs"), exist_ok=True)
-    os.makedirs(snap, exist_ok=True)
-    for name in os.listdir(folder):
-        with open(os.path.join(folder, name), "rb") as f:
-            data = f.read()
-        blob = hashlib.sha256(data).hexdigest()
-        with open(os.path.join(repo_dir, "blobs", blob), "wb") as f:
-            f.write(data)
-        os.symlink(os.path.join("..", "..", "blobs", blob), os.path.join(snap, name))
-    with open(os.path.join(repo_dir, "refs", "main"), "w") as f:
-        f.write(commit)
-    return snap
-
-
 def test_repo_id_resolves_from_cache(pair, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
     cache = str(tmp_path / "hub")
-    snap = _fake_hub_cache(cache, "org/tiny-sft", pair.sft, commit="b" * 40)
+    snap = fake_hub_repo(cache, "org/tiny-sft", pair.sft, "b" * 40)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", cache)
     assert resolve("org/tiny-sft") == (snap, "b" * 40)
     assert resolve("org/tiny-sft@main") == (snap, "b" * 40)
@@ -179,8 +159,8 @@ def test_repo_id_resolves_from_cache(pair, tmp_path, monkeypatch):
 
 def test_cli_extrapolates_from_hub_cache(pair, tmp_path):
     cache = str(tmp_path / "hub")
-    _fake_hub_cache(cache, "org/sft", pair.sft, commit="c" * 40)
-    _fake_hub_cache(cache, "org/dpo", pair.aligned, commit="d" * 40)
+    fake_hub_repo(cache, "org/sft", pair.sft, "c" * 40)
+    fake_hub_repo(cache, "org/dpo", pair.aligned, "d" * 40)
     out = str(tmp_path / "out")
     env = {**os.environ, "HF_HUB_CACHE": cache, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "expo_engine.cli", "extrapolate", "--sft", "org/sft",
