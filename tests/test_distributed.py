@@ -251,3 +251,20 @@ def test_device_cuda_on_a_cluster_without_gpus_is_refused(cluster, pairs, tmp_pa
     with pytest.raises(OptionError, match="no node of the cluster has a GPU"):
         extrapolate(p.sft, p.aligned, 0.3, out, executor="ray", device="cuda", **SMALL)
     assert not os.path.exists(out) and not os.path.exists(staging_path(out))
+
+
+def test_probe_names_the_node_that_cannot_use_the_folders(cluster, pairs, tmp_path):
+    """The probe task runs on every node; a node that cannot write in the staging folder (here: a folder no node
+    has, as on a node where the output filesystem is not mounted) fails the run with a message naming it."""
+    from expo_engine.distributed import probe_nodes
+    from expo_engine.errors import SourceError
+
+    p = pairs["untied-mixed"]
+    plan = make_plan(open_checkpoint(p.sft), open_checkpoint(p.aligned), 0.3)
+    assert len(probe_nodes(ray, plan, str(tmp_path))) == 2  # both nodes see everything
+    missing = str(tmp_path / "not-mounted")
+    with pytest.raises(SourceError) as e:
+        probe_nodes(ray, plan, missing)
+    msg = str(e.value)
+    assert msg.startswith("Ray node 127.0.0.1 (") and f"cannot write in {missing}" in msg
+    assert "every node of the cluster sees" in msg
