@@ -335,12 +335,7 @@ def execute_ray(plan: Plan, units: tuple[Unit, ...], staging: Staging, *, worker
 
 def _merge(found: dict, stats: dict | None) -> None:
     for name, (d, u) in (stats or {}).items():
-        d, u = kernels.Stats(**d), kernels.Stats(**u)
-        if name in found:
-            found[name][0].add(d)
-            found[name][1].add(u)
-        else:
-            found[name] = (d, u)
+        kernels.add_stats(found, name, kernels.Stats(**d), kernels.Stats(**u))
 
 
 def journal_key(plan: Plan, units: tuple[Unit, ...], stats: bool) -> str:

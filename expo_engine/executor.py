@@ -341,12 +341,7 @@ def _compute(t: TensorPlan, s: torch.Tensor | None, a: torch.Tensor, out_buf: to
         # that the formula did not overflow; see scan_nonfinite).
         kernels.extrapolate_chunk(out, s, a, alpha)
         n = out.numel()
-        delta, update = kernels.Stats(n), kernels.Stats(n, finite=not kernels.maybe_nonfinite(out))
-        if t.name in found:
-            found[t.name][0].add(delta)
-            found[t.name][1].add(update)
-        else:
-            found[t.name] = (delta, update)
+        kernels.add_stats(found, t.name, kernels.Stats(n), kernels.Stats(n, finite=not kernels.maybe_nonfinite(out)))
         return out
     # The fused kernel is several passes per block: split the chunk over the compute threads (torch releases the
     # GIL inside every op), each on whole blocks.
@@ -355,10 +350,5 @@ def _compute(t: TensorPlan, s: torch.Tensor | None, a: torch.Tensor, out_buf: to
     parts = [pool.submit(kernels.extrapolate_chunk_stats, out[i:i + step], s[i:i + step], a[i:i + step], alpha)
              for i in range(0, n, step)]
     for p in parts:
-        delta, update = p.result()
-        if t.name in found:
-            found[t.name][0].add(delta)
-            found[t.name][1].add(update)
-        else:
-            found[t.name] = (delta, update)
+        kernels.add_stats(found, t.name, *p.result())
     return out

@@ -398,11 +398,7 @@ def _pipeline(plan, chunks, inputs, write, stats, kernel, found, hosts, devs, st
                 delta, update = _to_stats(c.stop - c.start, sums.tolist())
                 if not stats:  # as run_chunks: only the count, and whether the output may hold NaN or Inf
                     delta, update = kernels.Stats(delta.n), kernels.Stats(update.n, finite=update.finite)
-                if t.name in found:
-                    found[t.name][0].add(delta)
-                    found[t.name][1].add(update)
-                else:
-                    found[t.name] = (delta, update)
+                kernels.add_stats(found, t.name, delta, update)
             write(t, c, memoryview(out.view(torch.uint8).numpy()))
 
         writes = {}

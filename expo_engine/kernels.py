@@ -81,6 +81,15 @@ class Stats:
         }
 
 
+def add_stats(found: dict[str, tuple[Stats, Stats]], name: str, delta: Stats, update: Stats) -> None:
+    """Add one piece's (delta, update) statistics to tensor `name`'s running sums in `found`."""
+    if name in found:
+        found[name][0].add(delta)
+        found[name][1].add(update)
+    else:
+        found[name] = (delta, update)
+
+
 # The fused kernel's float32 partial sums cover at most this many elements before they are added in float64:
 # measured relative error of the sums of squares ~1e-6 against float64 (tests allow 1e-4).
 STATS_BLOCK = 1 << 18

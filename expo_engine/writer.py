@@ -154,7 +154,7 @@ class Staging:
                 _pwrite_all(fd, shard.header, 0)
                 self._hashes[shard.filename] = hashlib.sha256(shard.header)
                 self._next[shard.filename] = len(shard.header)
-                if direct_io() and not self.resumed:
+                if direct_io() and not self.journal_key:  # Ray units write with their own descriptors
                     try:
                         self._direct[shard.filename] = os.open(os.path.join(self.dir, shard.filename),
                                                                os.O_WRONLY | os.O_DIRECT)
