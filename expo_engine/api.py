@@ -13,7 +13,7 @@ from . import __version__, dtypes
 from .distributed import DEFAULT_UNIT_BYTES
 from .errors import NonFiniteError, OptionError
 from .executor import check_copies, execute_sweep, scan_nonfinite
-from .kernels import Stats
+from .kernels import Stats, native_kernel
 from .plan import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_MAX_SHARD_SIZE,
@@ -382,7 +382,8 @@ def check_finite(plan: Plan, staging: Staging, found: dict[str, tuple[Stats, Sta
 def _publish(staging: Staging, plan: Plan, job: Job, found: dict | None, phases: dict,
              device: str = "cpu") -> dict:
     t = time.monotonic()
-    prov = provenance(plan, job.sft, job.aligned) | {"device": device}
+    cpu_kernel = f"compiled ({native_kernel()})" if native_kernel() else "torch ops"
+    prov = provenance(plan, job.sft, job.aligned) | {"device": device, "cpu_kernel": cpu_kernel}
     if job.sweep:
         prov["sweep"] = {"alphas": [p.alpha for p in job.plans],
                          "note": "one of the outputs of an alpha sweep, all written from one read of the inputs"}

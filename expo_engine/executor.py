@@ -336,19 +336,18 @@ def _compute(t: TensorPlan, s: torch.Tensor | None, a: torch.Tensor, out_buf: to
         return a
     dtype, alpha = dtypes.TORCH[t.dtype], t.alpha
     out = a if in_place and a.dtype == dtype else out_buf[: a.numel() * dtype.itemsize].view(dtype)
-    if not stats:
-        # Without statistics only the count and whether the output may hold NaN or Inf are kept (for the check
-        # that the formula did not overflow; see scan_nonfinite).
-        kernels.extrapolate_chunk(out, s, a, alpha)
-        n = out.numel()
-        kernels.add_stats(found, t.name, kernels.Stats(n), kernels.Stats(n, finite=not kernels.maybe_nonfinite(out)))
-        return out
-    # The fused kernel is several passes per block: split the chunk over the compute threads (torch releases the
-    # GIL inside every op), each on whole blocks.
+    # Split the chunk over the compute threads (ctypes and torch release the GIL), each on whole blocks.
     n = out.numel()
     step = -(-n // (COMPUTE_THREADS * kernels.STATS_BLOCK)) * kernels.STATS_BLOCK
-    parts = [pool.submit(kernels.extrapolate_chunk_stats, out[i:i + step], s[i:i + step], a[i:i + step], alpha)
-             for i in range(0, n, step)]
+    kernel = kernels.extrapolate_chunk_stats if stats else _without_stats
+    parts = [pool.submit(kernel, out[i:i + step], s[i:i + step], a[i:i + step], alpha) for i in range(0, n, step)]
     for p in parts:
         kernels.add_stats(found, t.name, *p.result())
     return out
+
+
+def _without_stats(out: torch.Tensor, s: torch.Tensor, a: torch.Tensor, alpha: float):
+    """Without statistics only the count and whether the output may hold NaN or Inf are kept (for the check that
+    the formula did not overflow; see scan_nonfinite)."""
+    n = out.numel()
+    return kernels.Stats(n), kernels.Stats(n, finite=not kernels.extrapolate_chunk_checked(out, s, a, alpha))

@@ -7,11 +7,20 @@ kernels know nothing of files; they take 1-D tensors of equal length and write i
 
 Bytes moved per element: itemsize(sft) + itemsize(aligned) read, itemsize(out) written. On this project's 2-core
 machine the math costs ~20-40 ms per 128 MB, against ~300 ms to write 128 MB, so the engine is I/O-bound.
+
+Two implementations of the same arithmetic:
+- the compiled kernel (`_fused.c`, built at install when a C compiler is there): one pass over memory, with the
+  statistics and the NaN/Inf flags for free; used for bfloat16, float16 and float32 in any combination;
+- torch ops (the `*_torch` functions): float64 data, and any install without the compiled kernel. The statistics
+  then cost ~14 passes over every block. `EXPO_KERNEL=torch` forces this path.
+Both compute torch.lerp's float32 arithmetic and round once, so their output bytes agree (tested).
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -21,11 +30,74 @@ import torch
 BLOCK = 1 << 20
 
 
+_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}  # the dtype codes of _fused.c
+
+
+def _load_native(kind: str = ""):
+    """The compiled kernel's entry point, or None (not built, or `kind` "torch"). `kind` (default: EXPO_KERNEL)
+    "generic" takes the untuned loop whatever the CPU."""
+    kind = (kind or os.environ.get("EXPO_KERNEL", "")).strip().lower()
+    if kind == "torch":
+        return None
+    try:
+        from . import _fused
+    except ImportError:
+        return None
+    lib = ctypes.CDLL(_fused.__file__)
+    fn = lib.expo_extrapolate_generic if kind == "generic" else lib.expo_extrapolate
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                   ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.POINTER(ctypes.c_double),
+                   ctypes.POINTER(ctypes.c_int)]
+    fn.restype = ctypes.c_int
+    lib.expo_kernel_target.restype = ctypes.c_char_p
+    fn.target = "generic" if kind == "generic" else lib.expo_kernel_target().decode()
+    # The untuned loop is slower than torch's own kernels (measured 3x): by default it runs only when asked.
+    return fn if fn.target == "avx2" or kind == "generic" else None
+
+
+_NATIVE = _load_native()
+
+
+def native_kernel() -> str | None:
+    """Which compiled kernel runs on this machine ("avx2" or "generic"), or None when torch ops do the work."""
+    return _NATIVE.target if _NATIVE is not None else None
+
+
+def _native(out: torch.Tensor, sft: torch.Tensor, aligned: torch.Tensor, alpha: float, stats: bool):
+    """Run the compiled kernel if it handles these tensors: returns (7 sums, NaN/Inf flags), else None."""
+    if _NATIVE is None or not all(t.dtype in _CODES and t.device.type == "cpu" and t.is_contiguous()
+                                  for t in (out, sft, aligned)):
+        return None
+    if not stats and torch.float16 in (out.dtype, sft.dtype, aligned.dtype):
+        return None  # float16 conversions are element by element in the compiled loop: torch.lerp is faster here
+    res, flags = (ctypes.c_double * 7)(), ctypes.c_int(0)
+    if _NATIVE(out.data_ptr(), _CODES[out.dtype], sft.data_ptr(), _CODES[sft.dtype], aligned.data_ptr(),
+               _CODES[aligned.dtype], out.numel(), alpha, int(stats), res, ctypes.byref(flags)):
+        return None  # a dtype this build cannot handle (float16 without compiler support)
+    return list(res), flags.value
+
+
 def extrapolate_chunk(out: torch.Tensor, sft: torch.Tensor, aligned: torch.Tensor, alpha: float) -> None:
     """Write `aligned + alpha * (aligned - sft)` into `out`, with one rounding to out's dtype.
 
     `out` may alias `aligned` (the engine computes in place when the dtypes agree). All three are 1-D, same length.
     """
+    if _native(out, sft, aligned, alpha, False) is None:
+        extrapolate_chunk_torch(out, sft, aligned, alpha)
+
+
+def extrapolate_chunk_checked(out: torch.Tensor, sft: torch.Tensor, aligned: torch.Tensor, alpha: float) -> bool:
+    """`extrapolate_chunk`, returning whether `out` may hold a NaN or an Inf (free with the compiled kernel, one
+    min/max pass with torch)."""
+    done = _native(out, sft, aligned, alpha, False)
+    if done is not None:
+        return bool(done[1] & 4)
+    extrapolate_chunk_torch(out, sft, aligned, alpha)
+    return maybe_nonfinite(out)
+
+
+def extrapolate_chunk_torch(out: torch.Tensor, sft: torch.Tensor, aligned: torch.Tensor, alpha: float) -> None:
+    """`extrapolate_chunk` with torch ops."""
     if sft.dtype == aligned.dtype == out.dtype:
         # lerp(a, s, w) = a + w * (s - a); with w = -alpha that is the formula itself. For bf16/fp16 torch computes
         # it in float32 and rounds once; alpha = 0 returns aligned bit for bit.
@@ -100,10 +172,22 @@ def extrapolate_chunk_stats(out: torch.Tensor, sft: torch.Tensor, aligned: torch
     """`extrapolate_chunk` fused with the statistics of the norm reports, in one pass over the chunk.
 
     Returns (delta, update): the change D = aligned - sft (A = sft, B = aligned) and the applied update
-    out - aligned (A = aligned, B = out, after rounding to out's dtype). Each block of STATS_BLOCK elements is
-    widened once, used for the output and all the sums, and dropped; the output bytes are identical to
-    `extrapolate_chunk`'s. `out` may alias `aligned`.
+    out - aligned (A = aligned, B = out, after rounding to out's dtype). The output bytes are identical to
+    `extrapolate_chunk`'s. `out` may alias `aligned`. With the compiled kernel, `finite` is exact: False only if
+    that side holds a NaN or an Inf.
     """
+    done = _native(out, sft, aligned, alpha, True)
+    if done is None:
+        return extrapolate_chunk_stats_torch(out, sft, aligned, alpha)
+    (ss, aa, oo, dd, uu, max_d, max_u), flags = done
+    n = out.numel()
+    return (Stats(n, dd, ss, aa, max_d, not flags & 3), Stats(n, uu, aa, oo, max_u, not flags & 6))
+
+
+def extrapolate_chunk_stats_torch(out: torch.Tensor, sft: torch.Tensor, aligned: torch.Tensor,
+                                  alpha: float) -> tuple[Stats, Stats]:
+    """`extrapolate_chunk_stats` with torch ops: each block of STATS_BLOCK elements is widened once, used for the
+    output and all the sums, and dropped. `finite` is False when a sum or a maximum is not finite."""
     wide = torch.float64 if torch.float64 in (sft.dtype, aligned.dtype, out.dtype) else torch.float32
     n = out.numel()
     m = min(n, STATS_BLOCK)

@@ -53,3 +53,18 @@ def pairs(tmp_path_factory):
 @pytest.fixture
 def pair(pairs):
     return pairs["untied-mixed"]
+
+
+@pytest.fixture(params=["compiled", "generic", "torch"])
+def kernel(request, monkeypatch):
+    """Run a kernel test on each implementation: the compiled kernel as this CPU runs it, its untuned loop, and
+    torch ops. The compiled kernel must be built (see test_compiled_kernel_is_built): no silent skip."""
+    from expo_engine import kernels
+
+    if request.param == "torch":
+        monkeypatch.setattr(kernels, "_NATIVE", None)
+    else:
+        fn = kernels._load_native("generic" if request.param == "generic" else "compiled")
+        assert fn is not None, "expo_engine/_fused.c is not built (pip install -e . with a C compiler)"
+        monkeypatch.setattr(kernels, "_NATIVE", fn)
+    return request.param

@@ -37,6 +37,7 @@ def _close(got: dict, want: dict, rtol=RTOL) -> None:
     (torch.float64, torch.bfloat16, torch.bfloat16),
 ])
 @pytest.mark.parametrize("alpha", [0.3, -0.5, 12.0])
+@pytest.mark.usefixtures("kernel")
 def test_fused_kernel_same_bytes_and_float64_stats(dtypes, alpha):
     ds, da, do = dtypes
     n = 2 * STATS_BLOCK + 4_321  # several blocks and a ragged tail
@@ -52,6 +53,7 @@ def test_fused_kernel_same_bytes_and_float64_stats(dtypes, alpha):
     _close(update.summary(), reference_stats(a, fused))
 
 
+@pytest.mark.usefixtures("kernel")
 def test_fused_kernel_in_place_on_aligned():
     g = torch.Generator().manual_seed(3)
     s = torch.randn(5000, generator=g).bfloat16()
@@ -65,6 +67,7 @@ def test_fused_kernel_in_place_on_aligned():
     _close(update.summary(), reference_stats(a_before, want))
 
 
+@pytest.mark.usefixtures("kernel")
 def test_cosine_keeps_its_digits_when_the_change_is_tiny():
     """Alignment moves weights by ~1e-5 of their norm: 1 - cosine must still be right to a few percent."""
     g = torch.Generator().manual_seed(5)
@@ -76,6 +79,7 @@ def test_cosine_keeps_its_digits_when_the_change_is_tiny():
     assert 1 - delta.summary()["cosine"] == pytest.approx(1 - want["cosine"], rel=0.05)
 
 
+@pytest.mark.usefixtures("kernel")
 def test_stats_merge_across_chunks():
     g = torch.Generator().manual_seed(9)
     s = torch.randn(10_000, generator=g).bfloat16()

@@ -27,7 +27,13 @@ from safetensors.torch import save_file
 from expo_engine import dtypes, gpu
 from expo_engine.errors import OptionError
 from expo_engine.executor import _Inputs, direct_io, input_paths, run_chunks
-from expo_engine.kernels import Stats, error_steps, extrapolate_chunk, extrapolate_chunk_stats
+from expo_engine.kernels import (
+    Stats,
+    error_steps,
+    extrapolate_chunk,
+    extrapolate_chunk_stats,
+    extrapolate_chunk_stats_torch,
+)
 from expo_engine.plan import make_plan
 from expo_engine.sources import open_checkpoint
 
@@ -269,7 +275,7 @@ def test_torch_fallback_is_the_cpu_path(d, alpha):
     out, plain, ref = (torch.empty(s.numel(), dtype=do) for _ in range(3))
     delta, update = gpu.extrapolate_chunk_stats(out, s, a, alpha, kernel="torch")
     gpu.extrapolate_chunk(plain, s, a, alpha, kernel="torch")
-    want = extrapolate_chunk_stats(ref, s, a, alpha)
+    want = extrapolate_chunk_stats_torch(ref, s, a, alpha)  # the same ops as the fallback
     assert same(out, ref) and same(plain, ref)  # the same torch ops on the same device: the same bytes
     assert (delta, update) == want  # and the same float32 partial sums, added in the same order
     check_chunk(out, s, a, alpha, delta, update, RTOL_CPU)

@@ -7,6 +7,8 @@ import torch
 
 from expo_engine.kernels import BLOCK, error_steps, extrapolate_chunk, reference, steps_off
 
+pytestmark = pytest.mark.usefixtures("kernel")  # every test on each implementation (conftest.kernel)
+
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
 
 

@@ -1,0 +1,154 @@
+"""The compiled kernel (_fused.c) against torch's: the same output bytes for every dtype triple, both of lerp's
+branches, special values, ragged lengths and in place; the same NaN/Inf flags; float64-accurate sums."""
+
+from __future__ import annotations
+
+import itertools
+import platform
+
+import pytest
+import torch
+
+from expo_engine import kernels
+from expo_engine.norms import reference_stats
+
+FLOATS = [torch.bfloat16, torch.float16, torch.float32]
+ALPHAS = [0.3, 0.49999, 0.5, 2.5, 25.0, -0.5, -1.7, 0.0]
+
+
+def _cpu_has_avx2() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return all(f" {flag}" in flags for flag in ("avx2", "fma", "f16c"))
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or not _cpu_has_avx2(), reason="the tuned kernel is for AVX2 CPUs")
+def test_compiled_kernel_is_built_and_used():
+    """On an AVX2 machine (CI's) the install must have built the kernel: otherwise the engine silently runs ~3x
+    slower statistics on torch ops."""
+    assert kernels.native_kernel() == "avx2"
+
+
+def _special(dtype: torch.dtype) -> torch.Tensor:
+    """Values where rounding and overflow go wrong first: zeros, denormals, the largest finite, NaN, Inf."""
+    fi = torch.finfo(dtype)
+    vals = [0.0, -0.0, fi.tiny, -fi.tiny, fi.tiny * fi.eps, fi.max, -fi.max, fi.max / 2, 1.0, -1.0, fi.eps,
+            float("nan"), float("inf"), float("-inf")]
+    return torch.tensor(vals, dtype=torch.float64).to(dtype)
+
+
+def _data(n: int, ds, da, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(n, generator=g, dtype=torch.float64)
+    a = s + 0.01 * torch.randn(n, generator=g, dtype=torch.float64)
+    s, a = s.to(ds), a.to(da)
+    # special values on either side, and against ordinary ones, at random places
+    k = min(n, 64)
+    where = torch.randperm(n, generator=g)[:k]
+    s[where[: k // 2]] = _special(ds).repeat(k)[: k // 2]
+    a[where[k // 4: k // 4 + k // 2]] = _special(da).flip(0).repeat(k)[: k // 2]
+    return s, a
+
+
+def _same(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Element-wise: identical bytes, or NaN in both (torch's vectorised bfloat16 NaN is 0xffff, ours 0x7fc0)."""
+    bits = {2: torch.int16, 4: torch.int32}[x.element_size()]
+    return (x.view(bits) == y.view(bits)) | (torch.isnan(x) & torch.isnan(y))
+
+
+def _run(impl, out, s, a, alpha, stats):
+    fn = kernels.extrapolate_chunk_stats if stats else kernels.extrapolate_chunk_checked
+    old = kernels._NATIVE
+    kernels._NATIVE = impl
+    try:
+        return fn(out, s, a, alpha)
+    finally:
+        kernels._NATIVE = old
+
+
+IMPLS = ["compiled", "generic"]
+
+
+@pytest.fixture(scope="module")
+def impls():
+    got = {kind: kernels._load_native(kind) for kind in IMPLS}
+    assert all(got.values()), "the compiled kernel is not built"
+    return got
+
+
+@pytest.mark.parametrize("ds,da,do", list(itertools.product(FLOATS, FLOATS, FLOATS)))
+@pytest.mark.parametrize("impl", IMPLS)
+def test_same_bytes_as_torch_for_every_dtype_triple(impls, impl, ds, da, do):
+    for seed, (n, alpha) in enumerate([(5003, 0.3), (1031, 2.5), (777, -0.5), (64, 25.0), (9, 0.49999)]):
+        s, a = _data(n, ds, da, seed)
+        want, got = torch.empty(n, dtype=do), torch.empty(n, dtype=do)
+        kernels.extrapolate_chunk_torch(want, s, a, alpha)
+        for stats in (False, True):
+            got.fill_(0)
+            _run(impls[impl], got, s, a, alpha, stats)
+            bad = (~_same(got, want)).nonzero()
+            assert len(bad) == 0, (f"{impl} stats={stats} {ds}/{da}->{do} alpha={alpha}: element {int(bad[0])}: "
+                                   f"sft {s[bad[0]].item()} aligned {a[bad[0]].item()} -> {got[bad[0]].item()}, "
+                                   f"torch {want[bad[0]].item()}")
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 1023, 1024, 1025, 8 * 1024 + 5])
+def test_ragged_lengths_and_in_place(impls, n, alpha):
+    g = torch.Generator().manual_seed(n)
+    s = torch.randn(n, generator=g).bfloat16()
+    a = (s.float() + 0.01 * torch.randn(n, generator=g)).bfloat16()
+    want = torch.empty_like(a)
+    kernels.extrapolate_chunk_torch(want, s, a, alpha)
+    for impl in IMPLS:
+        for stats in (False, True):
+            inplace = a.clone()
+            guard = torch.cat([inplace, torch.full((8,), 7.0, dtype=torch.bfloat16)])  # bytes past the end
+            _run(impls[impl], guard[:n], s, guard[:n], alpha, stats)
+            assert torch.equal(guard[:n], want), (impl, stats)
+            assert torch.equal(guard[n:], torch.full((8,), 7.0, dtype=torch.bfloat16)), "wrote past the end"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_nan_and_inf_flags(impls, impl):
+    n = 3000
+    s = torch.randn(n).bfloat16()
+    a = (s.float() + 0.01).bfloat16()
+    out = torch.empty_like(a)
+    fn = impls[impl]
+    assert _run(fn, out, s, a, 0.3, False) is False
+    d, u = _run(fn, out, s, a, 0.3, True)
+    assert d.finite and u.finite
+    s2 = s.clone()
+    s2[2999] = float("nan")  # in the ragged tail's block
+    d, u = _run(fn, out, s2, a, 0.3, True)
+    assert not d.finite and not u.finite  # the NaN reaches the output
+    assert _run(fn, out, s2, a, 0.3, False) is True
+    a2 = a.clone()
+    a2[5] = float("inf")
+    d, u = _run(fn, out, s, a2, 0.3, True)
+    assert not d.finite and not u.finite
+    big = torch.full((n,), 3e38, dtype=torch.bfloat16)  # finite inputs whose extrapolation overflows
+    d, u = _run(fn, out, -big, big, 0.5, True)
+    assert d.finite is False or d.d2 == float("inf")  # |d| overflows float32 itself
+    assert not u.finite and torch.isinf(out).all()
+    assert _run(fn, out, -big, big, 0.5, False) is True
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sums_match_float64(impls, impl):
+    """Float32 sums over 1024 elements, float64 above: ~1e-7 relative here (the torch path: ~1e-5)."""
+    n = 1 << 20
+    g = torch.Generator().manual_seed(11)
+    s = torch.randn(n, generator=g).bfloat16()
+    a = (s.float() + 1e-3 * torch.randn(n, generator=g)).bfloat16()
+    out = torch.empty_like(a)
+    d, u = _run(impls[impl], out, s, a, 0.3, True)
+    want_d, want_u = reference_stats(s, a), reference_stats(a, out)
+    for got, want in ((d.summary(), want_d), (u.summary(), want_u)):
+        for key in ("fro", "relative", "max_abs"):
+            assert got[key] == pytest.approx(want[key], rel=1e-6), key
+        assert 1 - got["cosine"] == pytest.approx(1 - want["cosine"], rel=1e-4)
