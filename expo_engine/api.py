@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -296,9 +297,11 @@ def _execute(job: Job, started: float, *, stats, executor, workers, ray_address,
 
 def choose_device(device: str, kind: str, outputs: int):
     """(torch.device or None, name) for where the arithmetic runs; an OptionError for what cannot run."""
+    name = str(device).strip().lower()
+    if name in ("auto", "cpu") and (name == "cpu" or no_gpu_here()):
+        return None, "cpu"  # without importing torch (~3 s): the compiled kernel needs none
     from .gpu import cuda_available, kernel_for, resolve_device
 
-    name = str(device).strip().lower()
     if kind == "ray":
         # Ray assigns the GPUs: only "cuda" (one per task) makes sense; "auto" asks whether this machine has one.
         if name.startswith("cuda:"):
@@ -320,6 +323,13 @@ def choose_device(device: str, kind: str, outputs: int):
     import torch
 
     return dev, f"{dev} ({torch.cuda.get_device_name(dev)}, {kernel_for(dev)} kernel)"
+
+
+def no_gpu_here() -> bool:
+    """True on a Linux machine with no NVIDIA or AMD GPU device node, where torch would find no GPU either: then
+    `--device auto` is the CPU at once, without importing torch."""
+    nodes = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
+    return sys.platform.startswith("linux") and not any(os.path.exists(p) for p in nodes)
 
 
 RAY_MIN_BYTES = 20 * 10**9  # below this, Ray's start-up (~5 s) and per-task imports outweigh what it adds here

@@ -19,14 +19,18 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from . import dtypes, kernels
 from .errors import InputChangedError, MismatchError
 from .plan import Chunk, Plan, TensorPlan
 from .sources import TensorSlot
 from .writer import ALIGN, Staging, direct_io  # noqa: F401 - direct_io is used by the other executors
+
+if TYPE_CHECKING:
+    import torch
 
 DEPTH = 3  # buffer sets in flight: one being read, one computed, one written
 COMPUTE_THREADS = 2  # the fused statistics kernel runs on this many threads, one torch thread each
@@ -51,27 +55,35 @@ class _Inputs:
             self.close()
             raise InputChangedError(f"{e.filename or path}: cannot be opened any more ({e.strerror})") from None
 
-    def read_into(self, buf: torch.Tensor, slot: TensorSlot, start: int, stop: int) -> torch.Tensor:
-        """Read elements [start, stop) of `slot` into the front of `buf`; return them as a 1-D tensor of its dtype."""
+    def read_bytes(self, buf: np.ndarray, slot: TensorSlot, start: int, stop: int) -> np.ndarray:
+        """Read elements [start, stop) of `slot` into `buf` (numpy uint8); return the uint8 view that holds them
+        (at the front of `buf`, or a few bytes in where O_DIRECT needs an aligned address)."""
         size = dtypes.itemsize(slot.dtype)
         offset, nbytes = slot.offset + start * size, (stop - start) * size
         if slot.file in self.direct and offset % size == 0 and nbytes >= ALIGN:
             return self._read_direct(buf, slot, offset, nbytes)
         view = buf[:nbytes]
-        mem = memoryview(view.numpy())
+        mem = memoryview(view)
         while mem:
             n = os.preadv(self.fds[slot.file], [mem], offset)
             if n == 0:
                 raise InputChangedError(f"{slot.file}: ended early while reading '{slot.name}'; was it truncated?")
             mem, offset = mem[n:], offset + n
-        return view.view(dtypes.TORCH[slot.dtype])
+        return view
 
-    def _read_direct(self, buf: torch.Tensor, slot: TensorSlot, offset: int, nbytes: int) -> torch.Tensor:
+    def read_into(self, buf, slot: TensorSlot, start: int, stop: int) -> torch.Tensor:
+        """`read_bytes` into a uint8 torch tensor or numpy array; returns a 1-D torch tensor of the slot's dtype."""
+        import torch
+
+        arr = buf if isinstance(buf, np.ndarray) else buf.numpy()
+        return torch.from_numpy(self.read_bytes(arr, slot, start, stop)).view(dtypes.TORCH[slot.dtype])
+
+    def _read_direct(self, buf: np.ndarray, slot: TensorSlot, offset: int, nbytes: int) -> np.ndarray:
         """O_DIRECT: the disk writes straight into `buf` (no page-cache copy, no page cache churn). Reads whole
         aligned blocks around the range into an aligned spot of `buf` and returns the range's view."""
         lo, hi = offset - offset % ALIGN, -(-(offset + nbytes) // ALIGN) * ALIGN
-        base = -buf.data_ptr() % ALIGN
-        mem = memoryview(buf[base: base + hi - lo].numpy())
+        base = -buf.ctypes.data % ALIGN
+        mem = memoryview(buf[base: base + hi - lo])
         got, pos = 0, lo
         while got < offset + nbytes - lo:
             n = os.preadv(self.direct[slot.file], [mem[got:]], pos)
@@ -79,7 +91,7 @@ class _Inputs:
                 raise InputChangedError(f"{slot.file}: ended early while reading '{slot.name}'; was it truncated?")
             got, pos = got + n, pos + n
         first = base + offset - lo
-        return buf[first: first + nbytes].view(dtypes.TORCH[slot.dtype])
+        return buf[first: first + nbytes]
 
     def prefetch(self, t: TensorPlan, c: Chunk) -> None:
         """Ask the kernel to read a chunk's input ranges into the page cache now (no memory of this process)."""
@@ -111,14 +123,14 @@ def _identity(st: os.stat_result) -> tuple:
 
 
 class _Buffers:
-    """One set of chunk buffers. `torch.empty` reserves address space only; pages become resident when used.
-    `outputs` output buffers (`out` is the first), one per output of a sweep."""
+    """One set of chunk buffers (numpy uint8). `np.empty` reserves address space only; pages become resident when
+    used. `outputs` output buffers (`out` is the first), one per output of a sweep."""
 
     def __init__(self, nbytes: int, outputs: int = 1):
         nbytes = max(nbytes, 8) + 2 * ALIGN  # one element of the widest dtype; room to align direct reads
-        self.sft = torch.empty(nbytes, dtype=torch.uint8)
-        self.aligned = torch.empty(nbytes, dtype=torch.uint8)
-        self.outs = [torch.empty(nbytes, dtype=torch.uint8) for _ in range(max(1, outputs))]
+        self.sft = np.empty(nbytes, dtype=np.uint8)
+        self.aligned = np.empty(nbytes, dtype=np.uint8)
+        self.outs = [np.empty(nbytes, dtype=np.uint8) for _ in range(max(1, outputs))]
         self.out = self.outs[0]
 
 
@@ -131,6 +143,8 @@ def check_copies(plan: Plan) -> None:
     copies = [t for t in plan.tensors if t.action == "copy"]
     if not copies:
         return
+    import torch
+
     inputs = _Inputs(input_paths(plan))
     bufs = _Buffers(plan.chunk_bytes)
     try:
@@ -166,6 +180,8 @@ def scan_nonfinite(plan: Plan, staging_dir: str, names: list[str]) -> list[NonFi
     """Look at the staged output of the tensors `names` (flagged by the kernels as possibly holding NaN or Inf)
     element by element, next to their inputs. Only flagged tensors are read again, so a normal run pays nothing
     here; memory stays bounded by the plan's chunk size."""
+    import torch
+
     wanted = {plan.tensors.index(t): t for t in plan.tensors if t.name in set(names)}
     found = {}
     inputs = _Inputs(input_paths(plan))
@@ -183,14 +199,14 @@ def scan_nonfinite(plan: Plan, staging_dir: str, names: list[str]) -> list[NonFi
             dtype = dtypes.TORCH[t.dtype]
             size = dtype.itemsize
             raw = bufs.out[: (c.stop - c.start) * size]
-            mem = memoryview(raw.numpy())
+            mem = memoryview(raw)
             got = 0
             while got < len(mem):
                 n = os.preadv(fds[t.shard], [mem[got:]], t.offset + c.start * size + got)
                 if n <= 0:
                     raise InputChangedError(f"{staging_dir}/{t.shard}: shorter than planned while checking '{t.name}'")
                 got += n
-            o = raw.view(dtype)
+            o = torch.from_numpy(raw).view(dtype)
             fs, fa, fo = torch.isfinite(s), torch.isfinite(a), torch.isfinite(o)
             bad = ~fo & fs & fa
             r = found.setdefault(t.name, NonFinite(t.name))
@@ -273,8 +289,14 @@ def run_sweep_chunks(plans: list[Plan], chunks, inputs: _Inputs, writes: list[Ca
     with each plan's alphas; writes[j] gets plans[j]'s bytes. Returns the statistics of each output."""
     founds: list[dict[str, tuple[kernels.Stats, kernels.Stats]]] = [{} for _ in plans]
     sets = [_Buffers(plans[0].chunk_bytes, len(plans)) for _ in range(DEPTH)]
-    # One compute thread: the reader and writer threads keep the other cores busy, and torch's intra-op threads
-    # would spin at a barrier for every small block while those hold the cores (measured: 2.5x slower runs).
+    if not any(_needs_torch(t, stats) for p in plans for t in p.tensors):
+        _pipeline(plans, chunks, inputs, writes, stats, founds, sets)  # the compiled kernel does all the math
+        return founds
+    import torch
+
+    # One torch thread per compute thread: the reader and writer threads keep the other cores busy, and torch's
+    # intra-op threads would spin at a barrier for every small block while those hold the cores (measured: 2.5x
+    # slower runs).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -284,9 +306,13 @@ def run_sweep_chunks(plans: list[Plan], chunks, inputs: _Inputs, writes: list[Ca
         torch.set_num_threads(threads)
 
 
-def _write_outputs(writes: list[Callable], ts: list[TensorPlan], c: Chunk, outs: list[torch.Tensor]) -> None:
+def _needs_torch(t: TensorPlan, stats: bool) -> bool:
+    return t.action == "extrapolate" and not kernels.native_handles(t.dtype, t.sft.dtype, t.aligned.dtype, stats)
+
+
+def _write_outputs(writes: list[Callable], ts: list[TensorPlan], c: Chunk, outs: list[np.ndarray]) -> None:
     for write, t, out in zip(writes, ts, outs, strict=True):
-        write(t, c, memoryview(out.view(torch.uint8).numpy()))
+        write(t, c, memoryview(out))
 
 
 def _pipeline(plans, chunks, inputs, writes, stats, founds, sets):
@@ -323,31 +349,25 @@ def _pipeline(plans, chunks, inputs, writes, stats, founds, sets):
 
 
 def _read(inputs: _Inputs, t: TensorPlan, c: Chunk, bufs: _Buffers):
-    a = inputs.read_into(bufs.aligned, t.aligned, c.start, c.stop)
-    s = inputs.read_into(bufs.sft, t.sft, c.start, c.stop) if t.action == "extrapolate" else None
+    a = inputs.read_bytes(bufs.aligned, t.aligned, c.start, c.stop)
+    s = inputs.read_bytes(bufs.sft, t.sft, c.start, c.stop) if t.action == "extrapolate" else None
     return s, a
 
 
-def _compute(t: TensorPlan, s: torch.Tensor | None, a: torch.Tensor, out_buf: torch.Tensor, in_place: bool,
-             found: dict, stats: bool, pool: ThreadPoolExecutor) -> torch.Tensor:
-    """One output of one chunk, with the tensor's alpha: over the aligned buffer when `in_place` allows and the
-    dtypes agree, else into `out_buf`."""
+def _compute(t: TensorPlan, s: np.ndarray | None, a: np.ndarray, out_buf: np.ndarray, in_place: bool,
+             found: dict, stats: bool, pool: ThreadPoolExecutor) -> np.ndarray:
+    """One output of one chunk (uint8 arrays of its elements), with the tensor's alpha: over the aligned buffer
+    when `in_place` allows and the dtypes agree, else into `out_buf`."""
     if t.action == "copy":
         return a
-    dtype, alpha = dtypes.TORCH[t.dtype], t.alpha
-    out = a if in_place and a.dtype == dtype else out_buf[: a.numel() * dtype.itemsize].view(dtype)
+    so, ss, sa = (dtypes.itemsize(d) for d in (t.dtype, t.sft.dtype, t.aligned.dtype))
+    n = len(a) // sa
+    out = a if in_place and t.aligned.dtype == t.dtype else out_buf[: n * so]
     # Split the chunk over the compute threads (ctypes and torch release the GIL), each on whole blocks.
-    n = out.numel()
     step = -(-n // (COMPUTE_THREADS * kernels.STATS_BLOCK)) * kernels.STATS_BLOCK
-    kernel = kernels.extrapolate_chunk_stats if stats else _without_stats
-    parts = [pool.submit(kernel, out[i:i + step], s[i:i + step], a[i:i + step], alpha) for i in range(0, n, step)]
+    parts = [pool.submit(kernels.extrapolate_bytes, out[i * so:(i + step) * so], t.dtype, s[i * ss:(i + step) * ss],
+                         t.sft.dtype, a[i * sa:(i + step) * sa], t.aligned.dtype, t.alpha, stats)
+             for i in range(0, n, step)]
     for p in parts:
         kernels.add_stats(found, t.name, *p.result())
     return out
-
-
-def _without_stats(out: torch.Tensor, s: torch.Tensor, a: torch.Tensor, alpha: float):
-    """Without statistics only the count and whether the output may hold NaN or Inf are kept (for the check that
-    the formula did not overflow; see scan_nonfinite)."""
-    n = out.numel()
-    return kernels.Stats(n), kernels.Stats(n, finite=not kernels.extrapolate_chunk_checked(out, s, a, alpha))

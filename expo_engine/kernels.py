@@ -22,15 +22,23 @@ import ctypes
 import math
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+from . import dtypes
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+# torch is imported by the functions that use it, not here: the engine's own path (numpy buffers and the compiled
+# kernel) runs without it and so starts ~3 s sooner.
 
 # Mixed-dtype chunks are widened through reused scratch of this many elements, so no chunk-sized float32 copy is
 # ever allocated (page faults on fresh buffers cost more than the math).
 BLOCK = 1 << 20
 
 
-_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}  # the dtype codes of _fused.c
+_CODES = {"BF16": 0, "F16": 1, "F32": 2}  # the dtype codes of _fused.c
 
 
 def _load_native(kind: str = ""):
@@ -63,18 +71,61 @@ def native_kernel() -> str | None:
     return _NATIVE.target if _NATIVE is not None else None
 
 
+def native_handles(out_dtype: str, sft_dtype: str, aligned_dtype: str, stats: bool) -> bool:
+    """Whether the compiled kernel computes this dtype triple (safetensors names) here."""
+    triple = (out_dtype, sft_dtype, aligned_dtype)
+    if _NATIVE is None or not all(d in _CODES for d in triple):
+        return False
+    # float16 conversions are element by element in the compiled loop: without statistics torch.lerp is faster
+    return stats or "F16" not in triple
+
+
+def _call_native(out: int, out_dtype: str, sft: int, sft_dtype: str, aligned: int, aligned_dtype: str, n: int,
+                 alpha: float, stats: bool):
+    """The compiled kernel on raw addresses: (7 sums, NaN/Inf flags), or None for a dtype this build lacks."""
+    res, flags = (ctypes.c_double * 7)(), ctypes.c_int(0)
+    if _NATIVE(out, _CODES[out_dtype], sft, _CODES[sft_dtype], aligned, _CODES[aligned_dtype], n, alpha,
+               int(stats), res, ctypes.byref(flags)):
+        return None  # float16 without compiler support
+    return list(res), flags.value
+
+
 def _native(out: torch.Tensor, sft: torch.Tensor, aligned: torch.Tensor, alpha: float, stats: bool):
     """Run the compiled kernel if it handles these tensors: returns (7 sums, NaN/Inf flags), else None."""
-    if _NATIVE is None or not all(t.dtype in _CODES and t.device.type == "cpu" and t.is_contiguous()
-                                  for t in (out, sft, aligned)):
+    names = [dtypes.NAME.get(t.dtype) for t in (out, sft, aligned)]
+    if not (native_handles(*names, stats) and all(t.device.type == "cpu" and t.is_contiguous()
+                                                  for t in (out, sft, aligned))):
         return None
-    if not stats and torch.float16 in (out.dtype, sft.dtype, aligned.dtype):
-        return None  # float16 conversions are element by element in the compiled loop: torch.lerp is faster here
-    res, flags = (ctypes.c_double * 7)(), ctypes.c_int(0)
-    if _NATIVE(out.data_ptr(), _CODES[out.dtype], sft.data_ptr(), _CODES[sft.dtype], aligned.data_ptr(),
-               _CODES[aligned.dtype], out.numel(), alpha, int(stats), res, ctypes.byref(flags)):
-        return None  # a dtype this build cannot handle (float16 without compiler support)
-    return list(res), flags.value
+    return _call_native(out.data_ptr(), names[0], sft.data_ptr(), names[1], aligned.data_ptr(), names[2],
+                        out.numel(), alpha, stats)
+
+
+def _stats_of(n: int, done) -> tuple[Stats, Stats]:
+    (ss, aa, oo, dd, uu, max_d, max_u), flags = done
+    return Stats(n, dd, ss, aa, max_d, not flags & 3), Stats(n, uu, aa, oo, max_u, not flags & 6)
+
+
+def extrapolate_bytes(out: np.ndarray, out_dtype: str, sft: np.ndarray, sft_dtype: str, aligned: np.ndarray,
+                      aligned_dtype: str, alpha: float, stats: bool) -> tuple[Stats, Stats]:
+    """The engine's entry: the formula on elements held in numpy uint8 arrays (the executor's buffers), with their
+    safetensors dtype names. Returns (delta, update) statistics; without `stats` only their counts and whether the
+    output may hold NaN or Inf (for the overflow check). `out` may be `aligned` itself.
+
+    The compiled kernel when it handles the dtypes, else torch ops on zero-copy views of the same bytes.
+    """
+    n = len(out) // dtypes.itemsize(out_dtype)
+    if native_handles(out_dtype, sft_dtype, aligned_dtype, stats):
+        done = _call_native(out.ctypes.data, out_dtype, sft.ctypes.data, sft_dtype, aligned.ctypes.data,
+                            aligned_dtype, n, alpha, stats)
+        if done is not None:
+            return _stats_of(n, done) if stats else (Stats(n), Stats(n, finite=not done[1] & 4))
+    import torch
+
+    o, s, a = (torch.from_numpy(x).view(dtypes.TORCH[d])
+               for x, d in ((out, out_dtype), (sft, sft_dtype), (aligned, aligned_dtype)))
+    if stats:
+        return extrapolate_chunk_stats(o, s, a, alpha)
+    return Stats(n), Stats(n, finite=not extrapolate_chunk_checked(o, s, a, alpha))
 
 
 def extrapolate_chunk(out: torch.Tensor, sft: torch.Tensor, aligned: torch.Tensor, alpha: float) -> None:
@@ -98,6 +149,8 @@ def extrapolate_chunk_checked(out: torch.Tensor, sft: torch.Tensor, aligned: tor
 
 def extrapolate_chunk_torch(out: torch.Tensor, sft: torch.Tensor, aligned: torch.Tensor, alpha: float) -> None:
     """`extrapolate_chunk` with torch ops."""
+    import torch
+
     if sft.dtype == aligned.dtype == out.dtype:
         # lerp(a, s, w) = a + w * (s - a); with w = -alpha that is the formula itself. For bf16/fp16 torch computes
         # it in float32 and rounds once; alpha = 0 returns aligned bit for bit.
@@ -179,15 +232,15 @@ def extrapolate_chunk_stats(out: torch.Tensor, sft: torch.Tensor, aligned: torch
     done = _native(out, sft, aligned, alpha, True)
     if done is None:
         return extrapolate_chunk_stats_torch(out, sft, aligned, alpha)
-    (ss, aa, oo, dd, uu, max_d, max_u), flags = done
-    n = out.numel()
-    return (Stats(n, dd, ss, aa, max_d, not flags & 3), Stats(n, uu, aa, oo, max_u, not flags & 6))
+    return _stats_of(out.numel(), done)
 
 
 def extrapolate_chunk_stats_torch(out: torch.Tensor, sft: torch.Tensor, aligned: torch.Tensor,
                                   alpha: float) -> tuple[Stats, Stats]:
     """`extrapolate_chunk_stats` with torch ops: each block of STATS_BLOCK elements is widened once, used for the
     output and all the sums, and dropped. `finite` is False when a sum or a maximum is not finite."""
+    import torch
+
     wide = torch.float64 if torch.float64 in (sft.dtype, aligned.dtype, out.dtype) else torch.float32
     n = out.numel()
     m = min(n, STATS_BLOCK)
@@ -223,6 +276,8 @@ def extrapolate_chunk_stats_torch(out: torch.Tensor, sft: torch.Tensor, aligned:
 
 def maybe_nonfinite(x: torch.Tensor) -> bool:
     """True if `x` may hold a NaN or an Inf: one min/max pass (NaN propagates), ~12 ms per 64 MiB of bf16 here."""
+    import torch
+
     if x.numel() == 0:
         return False
     low, high = torch.aminmax(x)
@@ -231,12 +286,15 @@ def maybe_nonfinite(x: torch.Tensor) -> bool:
 
 def reference(sft: torch.Tensor, aligned: torch.Tensor, alpha: float, dtype: torch.dtype) -> torch.Tensor:
     """The float64 formula, rounded once to `dtype`: what every output element must equal within one step."""
+
     a, s = aligned.double(), sft.double()
     return (a + alpha * (a - s)).to(dtype)
 
 
 def _ulp(r: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """One step of `dtype` at each value of `r` (float64 values representable in `dtype`)."""
+    import torch
+
     finfo = torch.finfo(dtype)
     _, exp = torch.frexp(r)
     return torch.ldexp(torch.full_like(r, finfo.eps), exp - 1).clamp_min(finfo.tiny * finfo.eps)
@@ -244,6 +302,8 @@ def _ulp(r: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def steps_off(out: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
     """|out - expected| in steps of out's dtype at `expected` (0 where equal, inf where only one is NaN)."""
+    import torch
+
     x, r = out.double(), expected.to(out.dtype).double()
     same = (x == r) | (torch.isnan(x) & torch.isnan(r))
     diff = torch.where(same, torch.zeros_like(r), (x - r).abs())
@@ -258,6 +318,8 @@ def error_steps(out: torch.Tensor, sft: torch.Tensor, aligned: torch.Tensor, alp
     result cancels to near zero that is more than a step of the result, so it is forgiven; what is left must be
     at most 1 (one rounding to the output dtype).
     """
+    import torch
+
     a, s = aligned.double(), sft.double()
     exact = a + alpha * (a - s)
     wide = torch.float64 if torch.float64 in (out.dtype, sft.dtype, aligned.dtype) else torch.float32

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from . import dtypes
 from .errors import MismatchError
@@ -22,11 +21,16 @@ from .kernels import Stats
 from .plan import _untied_extras
 from .sources import Checkpoint, open_checkpoint
 
+if TYPE_CHECKING:
+    import torch
+
 BLOCK = 1 << 20  # float64 scratch, in elements
 
 
 def chunk_stats(a: torch.Tensor, b: torch.Tensor, scratch: tuple[torch.Tensor, torch.Tensor] | None = None) -> Stats:
     """Stats of b - a over two 1-D chunks of any float dtypes, widened to float64 block by block."""
+    import torch
+
     n = a.numel()
     sa, sb = scratch or tuple(torch.empty(min(n, BLOCK), dtype=torch.float64) for _ in range(2))
     st = Stats(n=n)
@@ -118,6 +122,8 @@ class PairReport:
 
 def compare(a: Checkpoint, b: Checkpoint, chunk_bytes: int = 64 * 2**20) -> PairReport:
     """Stream both checkpoints once and return per-tensor stats of b - a (float tensors; others are skipped)."""
+    import torch
+
     only_a, only_b = _untied_extras(a, b), _untied_extras(b, a)  # a tied alias on one side only is not a change
     if only_a or only_b:
         raise MismatchError(f"{a.source} and {b.source} hold different tensors (only in the first: "

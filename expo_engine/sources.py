@@ -327,7 +327,7 @@ def parse_safetensors_header(raw: bytes, file_size: int, path: str = "<header>")
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise FormatError(f"{path}: tensor '{name}' needs exactly dtype, shape and data_offsets")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in dtypes.TORCH:
+        if not isinstance(dtype, str) or dtype not in dtypes.ITEMSIZE:
             raise FormatError(f"{path}: tensor '{name}' has unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
             raise FormatError(f"{path}: tensor '{name}' has a bad shape {shape!r}")

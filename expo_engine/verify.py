@@ -19,8 +19,7 @@ import math
 import os
 import random
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from . import dtypes, kernels
 from .errors import FormatError, MismatchError, OptionError, SourceError
@@ -35,6 +34,9 @@ from .sources import (
     read_safetensors_metadata,
 )
 from .writer import PROVENANCE_NAME, hash_fd
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_LISTED = 20  # problems and failing tensors shown by format_report
 
@@ -296,6 +298,8 @@ def _sha256(path: str) -> str:
 
 def _check_elements(slots, sft, aligned, alpha, sample, seed, chunk_bytes, problems, overrides=None):
     """Return (elements checked, worst steps, failing tensors) for the output tensors in `slots`."""
+    import torch
+
     shared = _shared_names(sft, aligned)  # the names an output of these sources holds; raises MismatchError
     names = {s.name for s in slots}
     extra = sorted(names - set(shared))
