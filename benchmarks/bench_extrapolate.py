@@ -17,6 +17,7 @@ import json
 import math
 import os
 import platform
+import random
 import re
 import resource
 import shutil
@@ -234,7 +235,7 @@ def main() -> None:
     p.add_argument("--size-gb", type=float, default=4.0, help="SFT + aligned size in GB (default %(default)g)")
     p.add_argument("--workdir", required=True, help="scratch folder outside the repo; the pair is cached here")
     p.add_argument("--repeat", type=int, default=3,
-                   help="runs of expo and of cp, interleaved, the order rotated each round (default %(default)s)")
+                   help="runs of expo and of cp, interleaved, shuffled each round (default %(default)s)")
     p.add_argument("--skip-in-memory", action="store_true", help="skip the in-memory baseline (needs ~3x RAM)")
     p.add_argument("--markdown", metavar="FILE", help="append the table, command, date and machine to FILE")
     p.add_argument("--delete-pair", action="store_true", help="remove the cached pair at the end")
@@ -261,9 +262,9 @@ def main() -> None:
                                                                   "--workers", str(n)]
     names = list(cmds)
     timed = names[:3] + names[4:]  # interleaved; the in-memory baseline (names[3]) runs once at the end
-    # Each round starts one method later: what ran just before (a 2-4 GB write and delete) slows the disk for a
-    # while, and a fixed order gave one method that handicap in every round.
-    rounds = [timed[r % len(timed):] + timed[:r % len(timed)] for r in range(args.repeat)]
+    # What ran just before (a 2-4 GB write, sync and delete) slows the disk for a while, and a fixed order gave
+    # one method that handicap in every round: each round runs in its own shuffled order (seeded: repeatable).
+    rounds = [random.Random(r).sample(timed, len(timed)) for r in range(args.repeat)]
     results, worst = {name: [] for name in names}, None
     for name in [n for order in rounds for n in order] + ([] if args.skip_in_memory else names[3:4]):
         shutil.rmtree(out, ignore_errors=True)
