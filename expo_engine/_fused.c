@@ -18,7 +18,7 @@
  * and always flags: bit 0 sft, bit 1 aligned, bit 2 out holds a NaN or an Inf somewhere.
  *
  * The module is a CPython extension only so that setuptools builds it; its functions are plain C, found with
- * ctypes. Built with the machine's default target plus an AVX2/FMA/F16C clone chosen at run time.
+ * ctypes. Built with the machine's default target plus an AVX2/FMA variant chosen at run time.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -34,14 +34,44 @@ typedef float v8f __attribute__((vector_size(32)));
 typedef uint32_t v8u __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 typedef uint16_t v8s __attribute__((vector_size(16)));
-#ifdef __FLT16_MANT_DIG__
-#define HAVE_F16 1
-typedef _Float16 v8h __attribute__((vector_size(16)));
-#else
-#define HAVE_F16 0
-#endif
 
 #define INLINE static inline __attribute__((always_inline))
+
+INLINE v8u vselect(v8i mask, v8u yes, v8u no) { return ((v8u)mask & yes) | (~(v8u)mask & no); }
+
+/* float16 <-> float32 with integer and float vector operations only, so that the same code runs (and rounds the
+ * same) on every CPU: no F16C, no _Float16. After F. Giesen's branch-free conversions ("half_to_float_fast5",
+ * "float_to_half_fast3_rtne"); round to nearest even, NaN stays NaN, overflow goes to Inf. */
+INLINE v8f f16_to_f32(const char *p) {
+    v8s raw;
+    memcpy(&raw, p, sizeof raw);
+    v8u h = __builtin_convertvector(raw, v8u);
+    v8u o = (h & 0x7fffu) << 13;        /* exponent and mantissa */
+    v8u exp = o & (0x7c00u << 13);
+    o += (127 - 15) << 23;              /* rebias the exponent */
+    v8u inf_nan = o + ((128 - 16) << 23); /* Inf/NaN: all exponent bits set */
+    v8f denorm = (v8f)(o + (1u << 23)) - (v8f)((v8u){0} + (113u << 23)); /* zero and subnormals, renormalised */
+    o = vselect((v8i)(exp == (0x7c00u << 13)), inf_nan, o);
+    o = vselect((v8i)(exp == 0), (v8u)denorm, o);
+    return (v8f)(o | ((h & 0x8000u) << 16));
+}
+
+INLINE v8u f32_to_f16(v8f f) {
+    v8u x = (v8u)f;
+    v8u sign = x & 0x80000000u;
+    x ^= sign;
+    v8i xi = (v8i)x; /* sign cleared: signed comparisons order it as unsigned ones would (AVX2 has only those) */
+    v8u nan_inf = vselect(xi > 0x7f800000, (v8u){0} + 0x7e00u, (v8u){0} + 0x7c00u);
+    /* subnormal or zero result: let float addition (round to nearest even) align the mantissa bits */
+    v8f magic = (v8f)((v8u){0} + (126u << 23));
+    v8u sub = (v8u)((v8f)x + magic) - (v8u)magic;
+    /* normal result: rebias the exponent, round to nearest even by hand */
+    v8u odd = (x >> 13) & 1u;
+    v8u norm = (x + ((uint32_t)(15 - 127) << 23) + 0xfffu + odd) >> 13;
+    v8u o = vselect(xi < 0x38800000, sub, norm);
+    o = vselect(xi >= 0x47800000, nan_inf, o);
+    return o | (sign >> 16);
+}
 
 INLINE v8f load(const char *p, int dt) {
     if (dt == DT_F32) {
@@ -54,13 +84,7 @@ INLINE v8f load(const char *p, int dt) {
         memcpy(&h, p, sizeof h);
         return (v8f)(__builtin_convertvector(h, v8u) << 16);
     }
-#if HAVE_F16
-    v8h h;
-    memcpy(&h, p, sizeof h);
-    return __builtin_convertvector(h, v8f);
-#else
-    return (v8f){0};
-#endif
+    return f16_to_f32(p);
 }
 
 /* Round x to dtype dt, store it at p, and return the stored values widened back to float32. */
@@ -78,13 +102,10 @@ INLINE v8f store(char *p, int dt, v8f x) {
         memcpy(p, &h, sizeof h);
         return (v8f)(r << 16);
     }
-#if HAVE_F16
-    v8h h = __builtin_convertvector(x, v8h);
-    memcpy(p, &h, sizeof h);
-    return __builtin_convertvector(h, v8f);
-#else
-    return x;
-#endif
+    v8u h = f32_to_f16(x);
+    v8s h16 = __builtin_convertvector(h, v8s);
+    memcpy(p, &h16, sizeof h16);
+    return f16_to_f32((const char *)&h16);
 }
 
 INLINE v8f vfma(v8f a, v8f b, v8f c) {
@@ -211,7 +232,7 @@ INLINE void body(char *out, int odt, const char *sft, int sdt, const char *align
 #if defined(__x86_64__) && defined(__GNUC__)
 #define HAVE_AVX2 1
 #pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c,tune=haswell")
+#pragma GCC target("avx2,fma,tune=haswell")
 static void run_avx2(char *out, int odt, const char *sft, int sdt, const char *aligned, int adt, int64_t n,
                      float alpha, int stats, double *res, int *flags) {
     int small = (alpha < 0 ? -alpha : alpha) < 0.5f;
@@ -229,13 +250,12 @@ static void run_generic(char *out, int odt, const char *sft, int sdt, const char
     body(out, odt, sft, sdt, aligned, adt, n, alpha, small, stats, res, flags);
 }
 
-/* The entry point. Returns 0, or -1 for a dtype this build cannot handle (the caller falls back to torch). */
+/* The entry point. Returns 0, or -1 for an unknown dtype code. */
 int expo_extrapolate(void *out, int odt, const void *sft, int sdt, const void *aligned, int adt, int64_t n,
                      float alpha, int stats, double *res, int *flags) {
     if (odt < 0 || odt > 2 || sdt < 0 || sdt > 2 || adt < 0 || adt > 2) return -1;
-    if (!HAVE_F16 && (odt == DT_F16 || sdt == DT_F16 || adt == DT_F16)) return -1;
 #if HAVE_AVX2
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
         run_avx2((char *)out, odt, (const char *)sft, sdt, (const char *)aligned, adt, n, alpha, stats, res, flags);
         return 0;
     }
@@ -248,7 +268,6 @@ int expo_extrapolate(void *out, int odt, const void *sft, int sdt, const void *a
 int expo_extrapolate_generic(void *out, int odt, const void *sft, int sdt, const void *aligned, int adt, int64_t n,
                              float alpha, int stats, double *res, int *flags) {
     if (odt < 0 || odt > 2 || sdt < 0 || sdt > 2 || adt < 0 || adt > 2) return -1;
-    if (!HAVE_F16 && (odt == DT_F16 || sdt == DT_F16 || adt == DT_F16)) return -1;
     run_generic((char *)out, odt, (const char *)sft, sdt, (const char *)aligned, adt, n, alpha, stats, res, flags);
     return 0;
 }
@@ -256,7 +275,7 @@ int expo_extrapolate_generic(void *out, int odt, const void *sft, int sdt, const
 /* Which code path expo_extrapolate takes on this CPU: for the logs and the tests. */
 const char *expo_kernel_target(void) {
 #if HAVE_AVX2
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
         return "avx2";
 #endif
     return "generic";

@@ -76,7 +76,8 @@ def native_handles(out_dtype: str, sft_dtype: str, aligned_dtype: str, stats: bo
     triple = (out_dtype, sft_dtype, aligned_dtype)
     if _NATIVE is None or not all(d in _CODES for d in triple):
         return False
-    # float16 conversions are element by element in the compiled loop: without statistics torch.lerp is faster
+    # float16 rounding costs the compiled loop ~3x bfloat16's (85 vs 26 ms per 32 M elements): without
+    # statistics torch.lerp (33 ms with its NaN/Inf check) is faster
     return stats or "F16" not in triple
 
 
@@ -86,7 +87,7 @@ def _call_native(out: int, out_dtype: str, sft: int, sft_dtype: str, aligned: in
     res, flags = (ctypes.c_double * 7)(), ctypes.c_int(0)
     if _NATIVE(out, _CODES[out_dtype], sft, _CODES[sft_dtype], aligned, _CODES[aligned_dtype], n, alpha,
                int(stats), res, ctypes.byref(flags)):
-        return None  # float16 without compiler support
+        return None  # an unknown dtype code
     return list(res), flags.value
 
 

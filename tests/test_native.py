@@ -152,3 +152,29 @@ def test_sums_match_float64(impls, impl):
         for key in ("fro", "relative", "max_abs"):
             assert got[key] == pytest.approx(want[key], rel=1e-6), key
         assert 1 - got["cosine"] == pytest.approx(1 - want["cosine"], rel=1e-4)
+
+
+@pytest.mark.parametrize("ds,da,do", [t for t in itertools.product(FLOATS, FLOATS, FLOATS) if torch.float16 in t])
+def test_float16_subnormals_ties_and_overflow(impls, ds, da, do):
+    """float16's own edges, where the compiled kernel converts by hand: subnormal results (|x| < 6.1e-5, down to
+    6e-8 and below), values that round across a power of two, and the overflow threshold (65504 is the largest
+    float16; from 65520 up a value rounds to Inf)."""
+    g = torch.Generator().manual_seed(3)
+    n = 20_000
+    scale = torch.logspace(-9, -3, n, dtype=torch.float64)  # through float16's subnormal range
+    s = (torch.randn(n, generator=g, dtype=torch.float64) * scale)
+    a = s + torch.randn(n, generator=g, dtype=torch.float64) * scale * 0.3
+    edges = torch.tensor([65504.0, 65519.0, 65520.0, 65536.0, 7e4, 2048.0, 2049.0, 2050.0, 6.1e-5, 6.0e-5, 5.96e-8,
+                          2.98e-8, 2.99e-8, 1e-9], dtype=torch.float64)
+    s[: len(edges)], a[: len(edges)] = edges, edges * 1.0001
+    s[len(edges): 2 * len(edges)], a[len(edges): 2 * len(edges)] = -edges * 0.9999, -edges
+    s, a = s.to(ds), a.to(da)
+    for alpha in (0.3, 2.5, -0.5):
+        want = torch.empty(n, dtype=do)
+        kernels.extrapolate_chunk_torch(want, s, a, alpha)
+        for impl in IMPLS:
+            got = torch.empty(n, dtype=do)
+            _run(impls[impl], got, s, a, alpha, True)
+            bad = (~_same(got, want)).nonzero()
+            assert len(bad) == 0, (impl, alpha, int(bad[0]), s[bad[0]].item(), a[bad[0]].item(), got[bad[0]].item(),
+                                   want[bad[0]].item())
