@@ -229,6 +229,60 @@ INLINE void body(char *out, int odt, const char *sft, int sdt, const char *align
         return;
 #define CASES_A(O, S) CASE(O, S, 0) CASE(O, S, 1) CASE(O, S, 2)
 #define CASES_S(O) CASES_A(O, 0) CASES_A(O, 1) CASES_A(O, 2)
+/* `expo norms`: the statistics of the change b - a alone, accumulated in float64 per lane (the report's sums are
+ * float64 throughout): res[0] = sum a^2, res[1] = sum b^2, res[2] = sum (b - a)^2, res[3] = max |b - a|; flags bit 0:
+ * a holds a NaN or an Inf, bit 1: b does (their sums are then not finite; float64 squares of float32 values cannot
+ * overflow). */
+typedef double v8d __attribute__((vector_size(64)));
+typedef int64_t v8l __attribute__((vector_size(64)));
+
+struct dacc {
+    v8d aa, bb, dd, md;
+};
+
+INLINE void diff_step(const char *a, int adt, const char *b, int bdt, struct dacc *t) {
+    v8d x = __builtin_convertvector(load(a, adt), v8d), y = __builtin_convertvector(load(b, bdt), v8d);
+    v8d d = y - x;
+    t->aa += x * x;
+    t->bb += y * y;
+    t->dd += d * d;
+    v8d ad = (v8d)((v8l)d & 0x7fffffffffffffffLL);
+    v8l gt = (v8l)(ad > t->md);
+    t->md = (v8d)((gt & (v8l)ad) | (~gt & (v8l)t->md));
+}
+
+INLINE void diff_body(const char *a, int adt, const char *b, int bdt, int64_t n, double *res, int *flags) {
+    struct dacc t;
+    memset(&t, 0, sizeof t);
+    int as = SIZE[adt], bs = SIZE[bdt];
+    int64_t i = 0, full = n - n % LANES;
+    for (; i < full; i += LANES) diff_step(a + i * as, adt, b + i * bs, bdt, &t);
+    if (i < n) {
+        char a8[LANES * 4] = {0}, b8[LANES * 4] = {0};
+        memcpy(a8, a + i * as, (n - i) * as);
+        memcpy(b8, b + i * bs, (n - i) * bs);
+        diff_step(a8, adt, b8, bdt, &t);
+    }
+    double aa = 0, bb = 0, dd = 0, md = 0;
+    for (int k = 0; k < LANES; k++) {
+        aa += t.aa[k];
+        bb += t.bb[k];
+        dd += t.dd[k];
+        md = t.md[k] > md ? t.md[k] : md;
+    }
+    if (!__builtin_isfinite(aa)) *flags |= 1;
+    if (!__builtin_isfinite(bb)) *flags |= 2;
+    res[0] += aa;
+    res[1] += bb;
+    res[2] += dd;
+    res[3] = md > res[3] ? md : res[3];
+}
+
+#define DCASE(A, B)                                                                                                \
+    case (A) * 3 + (B):                                                                                            \
+        diff_body(a, A, b, B, n, res, flags);                                                                      \
+        return;
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #define HAVE_AVX2 1
 #pragma GCC push_options
@@ -237,6 +291,10 @@ static void run_avx2(char *out, int odt, const char *sft, int sdt, const char *a
                      float alpha, int stats, double *res, int *flags) {
     int small = (alpha < 0 ? -alpha : alpha) < 0.5f;
     switch (odt * 9 + sdt * 3 + adt) { CASES_S(0) CASES_S(1) CASES_S(2) }
+}
+static void diff_avx2(const char *a, int adt, const char *b, int bdt, int64_t n, double *res, int *flags) {
+    switch (adt * 3 + bdt) { DCASE(0, 0) DCASE(0, 1) DCASE(0, 2) DCASE(1, 0) DCASE(1, 1) DCASE(1, 2) DCASE(2, 0)
+                             DCASE(2, 1) DCASE(2, 2) }
 }
 #pragma GCC pop_options
 #else
@@ -261,6 +319,19 @@ int expo_extrapolate(void *out, int odt, const void *sft, int sdt, const void *a
     }
 #endif
     run_generic((char *)out, odt, (const char *)sft, sdt, (const char *)aligned, adt, n, alpha, stats, res, flags);
+    return 0;
+}
+
+/* The statistics of b - a for `expo norms` (see diff_body). Returns 0, or -1 for an unknown dtype code. */
+int expo_diff_stats(const void *a, int adt, const void *b, int bdt, int64_t n, double *res, int *flags) {
+    if (adt < 0 || adt > 2 || bdt < 0 || bdt > 2) return -1;
+#if HAVE_AVX2
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        diff_avx2((const char *)a, adt, (const char *)b, bdt, n, res, flags);
+        return 0;
+    }
+#endif
+    diff_body((const char *)a, adt, (const char *)b, bdt, n, res, flags);
     return 0;
 }
 

@@ -57,6 +57,11 @@ def _load_native(kind: str = ""):
                    ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.POINTER(ctypes.c_double),
                    ctypes.POINTER(ctypes.c_int)]
     fn.restype = ctypes.c_int
+    diff = lib.expo_diff_stats
+    diff.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
+                     ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_int)]
+    diff.restype = ctypes.c_int
+    fn.diff = diff
     lib.expo_kernel_target.restype = ctypes.c_char_p
     fn.target = "generic" if kind == "generic" else lib.expo_kernel_target().decode()
     # The untuned loop is slower than torch's own kernels (measured 3x): by default it runs only when asked.
@@ -104,6 +109,18 @@ def _native(out: torch.Tensor, sft: torch.Tensor, aligned: torch.Tensor, alpha: 
 def _stats_of(n: int, done) -> tuple[Stats, Stats]:
     (ss, aa, oo, dd, uu, max_d, max_u), flags = done
     return Stats(n, dd, ss, aa, max_d, not flags & 3), Stats(n, uu, aa, oo, max_u, not flags & 6)
+
+
+def diff_stats_bytes(a: np.ndarray, a_dtype: str, b: np.ndarray, b_dtype: str) -> Stats | None:
+    """`expo norms`' statistics of b - a over elements held in numpy uint8 arrays, summed in float64 by the
+    compiled kernel in one pass; None when it does not handle these dtypes (the caller uses torch ops)."""
+    if _NATIVE is None or a_dtype not in _CODES or b_dtype not in _CODES:
+        return None
+    n = len(a) // dtypes.itemsize(a_dtype)
+    res, flags = (ctypes.c_double * 4)(), ctypes.c_int(0)
+    if _NATIVE.diff(a.ctypes.data, _CODES[a_dtype], b.ctypes.data, _CODES[b_dtype], n, res, ctypes.byref(flags)):
+        return None
+    return Stats(n, res[2], res[0], res[1], res[3], not flags.value & 3)
 
 
 def extrapolate_bytes(out: np.ndarray, out_dtype: str, sft: np.ndarray, sft_dtype: str, aligned: np.ndarray,

@@ -11,12 +11,13 @@ streamed like extrapolation: chunks of at most `chunk_bytes`, read with pread in
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from . import dtypes
+from . import dtypes, kernels
 from .errors import MismatchError
-from .executor import _Buffers, _Inputs
+from .executor import _Buffers, _Inputs, direct_io
 from .kernels import Stats
 from .plan import _untied_extras
 from .sources import Checkpoint, open_checkpoint
@@ -121,34 +122,53 @@ class PairReport:
 
 
 def compare(a: Checkpoint, b: Checkpoint, chunk_bytes: int = 64 * 2**20) -> PairReport:
-    """Stream both checkpoints once and return per-tensor stats of b - a (float tensors; others are skipped)."""
-    import torch
+    """Stream both checkpoints once and return per-tensor stats of b - a (float tensors; others are skipped).
 
+    One thread reads the next chunk (O_DIRECT where allowed) while this one computes; the compiled kernel sums in
+    float64 in one pass, torch ops (float64 scratch blocks) where it does not apply."""
     only_a, only_b = _untied_extras(a, b), _untied_extras(b, a)  # a tied alias on one side only is not a change
     if only_a or only_b:
         raise MismatchError(f"{a.source} and {b.source} hold different tensors (only in the first: "
                             f"{', '.join(only_a[:5]) or '-'}; only in the second: {', '.join(only_b[:5]) or '-'})")
+    work = []  # (name, slot in a, slot in b, start, stop)
+    for name, ta in a.tensors.items():
+        if name not in b.tensors:
+            continue  # a tie (checked above)
+        tb = b.tensors[name]
+        if ta.shape != tb.shape:
+            raise MismatchError(f"tensor '{name}' has shape {list(ta.shape)} in {a.source} but "
+                                f"{list(tb.shape)} in {b.source}")
+        if ta.dtype not in dtypes.FLOATS or tb.dtype not in dtypes.FLOATS:
+            continue
+        step = max(1, chunk_bytes // max(dtypes.itemsize(ta.dtype), dtypes.itemsize(tb.dtype)))
+        work += [(name, ta, tb, start, min(start + step, ta.numel)) for start in range(0, ta.numel, step)]
+        if ta.numel == 0:
+            work.append((name, ta, tb, 0, 0))
     report = PairReport(a.source, b.source)
-    inputs = _Inputs([t.file for t in a.tensors.values()] + [t.file for t in b.tensors.values()])
-    bufs = _Buffers(chunk_bytes)
-    scratch = (torch.empty(BLOCK, dtype=torch.float64), torch.empty(BLOCK, dtype=torch.float64))
+    inputs = _Inputs([t.file for t in a.tensors.values()] + [t.file for t in b.tensors.values()], direct=direct_io())
+    sets = [_Buffers(chunk_bytes) for _ in range(2)]
+    scratch = None
+
+    def read(k: int):
+        _, ta, tb, start, stop = work[k]
+        bufs = sets[k % 2]
+        return inputs.read_bytes(bufs.sft, ta, start, stop), inputs.read_bytes(bufs.aligned, tb, start, stop)
+
     try:
-        for name, ta in a.tensors.items():
-            if name not in b.tensors:
-                continue  # a tie (checked above)
-            tb = b.tensors[name]
-            if ta.shape != tb.shape:
-                raise MismatchError(f"tensor '{name}' has shape {list(ta.shape)} in {a.source} but "
-                                    f"{list(tb.shape)} in {b.source}")
-            if ta.dtype not in dtypes.FLOATS or tb.dtype not in dtypes.FLOATS:
-                continue
-            st = Stats()
-            step = max(1, chunk_bytes // max(dtypes.itemsize(ta.dtype), dtypes.itemsize(tb.dtype)))
-            for start in range(0, ta.numel, step):
-                stop = min(start + step, ta.numel)
-                st.add(chunk_stats(inputs.read_into(bufs.sft, ta, start, stop),
-                                   inputs.read_into(bufs.aligned, tb, start, stop), scratch))
-            report.tensors[name] = st
+        with ThreadPoolExecutor(1, "expo-norms-read") as reader:
+            pending = reader.submit(read, 0) if work else None
+            for k, (name, ta, tb, _, _) in enumerate(work):
+                x, y = pending.result()
+                if k + 1 < len(work):
+                    pending = reader.submit(read, k + 1)
+                st = kernels.diff_stats_bytes(x, ta.dtype, y, tb.dtype)
+                if st is None:
+                    import torch
+
+                    scratch = scratch or tuple(torch.empty(BLOCK, dtype=torch.float64) for _ in range(2))
+                    st = chunk_stats(*(torch.from_numpy(v).view(dtypes.TORCH[t.dtype])
+                                       for v, t in ((x, ta), (y, tb))), scratch)
+                report.tensors.setdefault(name, Stats()).add(st)
         inputs.check_unchanged()
     finally:
         inputs.close()

@@ -178,3 +178,25 @@ def test_float16_subnormals_ties_and_overflow(impls, ds, da, do):
             bad = (~_same(got, want)).nonzero()
             assert len(bad) == 0, (impl, alpha, int(bad[0]), s[bad[0]].item(), a[bad[0]].item(), got[bad[0]].item(),
                                    want[bad[0]].item())
+
+
+@pytest.mark.parametrize("da,db", list(itertools.product(FLOATS, FLOATS)))
+def test_norms_kernel_sums_in_float64(da, db):
+    """`expo norms`' compiled statistics of b - a: float64 sums, so they agree with a direct float64 computation
+    to rounding (1e-12), whatever the dtypes, with a ragged tail; NaN/Inf make `finite` False."""
+    n = 100_003
+    g = torch.Generator().manual_seed(5)
+    a64 = torch.randn(n, generator=g, dtype=torch.float64)
+    a, b = a64.to(da), (a64 + 1e-3 * torch.randn(n, generator=g, dtype=torch.float64)).to(db)
+    st = kernels.diff_stats_bytes(a.view(torch.uint8).numpy(), kernels.dtypes.NAME[da],
+                                  b.view(torch.uint8).numpy(), kernels.dtypes.NAME[db])
+    assert st is not None and st.finite and st.n == n
+    want = reference_stats(a, b)
+    got = st.summary()
+    for key in ("fro", "relative", "max_abs"):
+        assert got[key] == pytest.approx(want[key], rel=1e-12), key
+    assert 1 - got["cosine"] == pytest.approx(1 - want["cosine"], rel=1e-6)
+    b[n - 1] = float("nan")  # in the ragged tail
+    st = kernels.diff_stats_bytes(a.view(torch.uint8).numpy(), kernels.dtypes.NAME[da],
+                                  b.view(torch.uint8).numpy(), kernels.dtypes.NAME[db])
+    assert not st.finite
