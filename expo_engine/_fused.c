@@ -135,10 +135,12 @@ INLINE v8u vmaxu(v8u m, v8u x) {
 }
 
 INLINE void step(char *out, int odt, const char *sft, int sdt, const char *aligned, int adt, v8f w, int small,
-                 int stats, struct acc *t) {
+                 v8i keep, int stats, struct acc *t) {
     v8f s = load(sft, sdt), a = load(aligned, adt);
     v8f d = s - a;
-    v8f o = store(out, odt, vfma(w, d, small ? a : s));
+    v8f r = vfma(w, d, small ? a : s);
+    r = (v8f)(((v8i)a & keep) | ((v8i)r & ~keep)); /* alpha = 0: aligned itself, -0.0 included */
+    v8f o = store(out, odt, r);
     if (stats) {
         /* NaN and Inf in sft, aligned or out show in the sums (see flush) */
         v8f u = o - a;
@@ -185,8 +187,10 @@ static const int SIZE[3] = {2, 2, 4};
 
 INLINE void body(char *out, int odt, const char *sft, int sdt, const char *aligned, int adt, int64_t n, float alpha,
                  int small, int stats, double *res, int *flags) {
-    float w0 = -alpha;
-    v8f w = (v8f){0} + (small ? w0 : w0 - 1.0f);
+    float w0 = -alpha, w1 = small ? w0 : w0 - 1.0f;
+    v8f w = {w1, w1, w1, w1, w1, w1, w1, w1}; /* not {0} + w1: that would turn -0.0 into +0.0 */
+    int k0 = alpha == 0 ? -1 : 0;
+    v8i keep = {k0, k0, k0, k0, k0, k0, k0, k0};
     struct acc t;
     memset(&t, 0, sizeof t);
     int os = SIZE[odt], ss = SIZE[sdt], as = SIZE[adt];
@@ -194,7 +198,7 @@ INLINE void body(char *out, int odt, const char *sft, int sdt, const char *align
     while (i < full) {
         int64_t stop = i + BLOCK < full ? i + BLOCK : full;
         for (; i < stop; i += LANES)
-            step(out + i * os, odt, sft + i * ss, sdt, aligned + i * as, adt, w, small, stats, &t);
+            step(out + i * os, odt, sft + i * ss, sdt, aligned + i * as, adt, w, small, keep, stats, &t);
         if (stats) flush(&t, res, flags);
     }
     if (i < n) { /* the ragged tail, through zero-padded copies: zeros add nothing to any sum or flag */
@@ -202,7 +206,7 @@ INLINE void body(char *out, int odt, const char *sft, int sdt, const char *align
         int64_t m = n - i;
         memcpy(s8, sft + i * ss, m * ss);
         memcpy(a8, aligned + i * as, m * as);
-        step(o8, odt, s8, sdt, a8, adt, w, small, stats, &t);
+        step(o8, odt, s8, sdt, a8, adt, w, small, keep, stats, &t);
         memcpy(out + i * os, o8, m * os);
         if (stats) flush(&t, res, flags);
     }
@@ -285,18 +289,22 @@ INLINE void diff_body(const char *a, int adt, const char *b, int bdt, int64_t n,
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define HAVE_AVX2 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,tune=haswell")
-static void run_avx2(char *out, int odt, const char *sft, int sdt, const char *aligned, int adt, int64_t n,
+/* A function attribute rather than `#pragma GCC target`, which clang ignores; the always-inline loop bodies are
+ * compiled into these functions with their target. */
+#ifdef __clang__
+#define AVX2_TARGET __attribute__((target("avx2,fma")))
+#else
+#define AVX2_TARGET __attribute__((target("avx2,fma,tune=haswell")))
+#endif
+static AVX2_TARGET void run_avx2(char *out, int odt, const char *sft, int sdt, const char *aligned, int adt, int64_t n,
                      float alpha, int stats, double *res, int *flags) {
     int small = (alpha < 0 ? -alpha : alpha) < 0.5f;
     switch (odt * 9 + sdt * 3 + adt) { CASES_S(0) CASES_S(1) CASES_S(2) }
 }
-static void diff_avx2(const char *a, int adt, const char *b, int bdt, int64_t n, double *res, int *flags) {
+static AVX2_TARGET void diff_avx2(const char *a, int adt, const char *b, int bdt, int64_t n, double *res, int *flags) {
     switch (adt * 3 + bdt) { DCASE(0, 0) DCASE(0, 1) DCASE(0, 2) DCASE(1, 0) DCASE(1, 1) DCASE(1, 2) DCASE(2, 0)
                              DCASE(2, 1) DCASE(2, 2) }
 }
-#pragma GCC pop_options
 #else
 #define HAVE_AVX2 0
 #endif

@@ -60,7 +60,8 @@ class _Inputs:
         (at the front of `buf`, or a few bytes in where O_DIRECT needs an aligned address)."""
         size = dtypes.itemsize(slot.dtype)
         offset, nbytes = slot.offset + start * size, (stop - start) * size
-        if slot.file in self.direct and offset % size == 0 and nbytes >= ALIGN:
+        if (slot.file in self.direct and offset % size == 0 and nbytes >= ALIGN
+                and _direct_room(buf, offset, nbytes) <= len(buf)):
             return self._read_direct(buf, slot, offset, nbytes)
         view = buf[:nbytes]
         mem = memoryview(view)
@@ -118,6 +119,12 @@ class _Inputs:
         self.direct.clear()
 
 
+def _direct_room(buf: np.ndarray, offset: int, nbytes: int) -> int:
+    """Bytes of `buf` a direct read of [offset, offset + nbytes) uses: alignment of the address, then whole blocks."""
+    lo, hi = offset - offset % ALIGN, -(-(offset + nbytes) // ALIGN) * ALIGN
+    return -buf.ctypes.data % ALIGN + hi - lo
+
+
 def _identity(st: os.stat_result) -> tuple:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
@@ -127,7 +134,9 @@ class _Buffers:
     used. `outputs` output buffers (`out` is the first), one per output of a sweep."""
 
     def __init__(self, nbytes: int, outputs: int = 1):
-        nbytes = max(nbytes, 8) + 2 * ALIGN  # one element of the widest dtype; room to align direct reads
+        # one element of the widest dtype; room for a direct read: up to ALIGN - 1 bytes to reach an aligned address,
+        # then whole blocks from below the range's start to above its end (< nbytes + 2 * ALIGN)
+        nbytes = max(nbytes, 8) + 3 * ALIGN
         self.sft = np.empty(nbytes, dtype=np.uint8)
         self.aligned = np.empty(nbytes, dtype=np.uint8)
         self.outs = [np.empty(nbytes, dtype=np.uint8) for _ in range(max(1, outputs))]

@@ -102,7 +102,7 @@ tl = None  # triton.language, imported by _triton_kernel on first use (importing
 
 
 def _expo_kernel(sft_ptr, aligned_ptr, out_ptr, parts_ptr, n, coeff,
-                 FROM_SFT: tl.constexpr, STATS: tl.constexpr, BLOCK: tl.constexpr):
+                 FROM_SFT: tl.constexpr, KEEP: tl.constexpr, STATS: tl.constexpr, BLOCK: tl.constexpr):
     """One program: BLOCK elements of the output and, with STATS, their row of partial sums (see _FIELDS)."""
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -110,7 +110,9 @@ def _expo_kernel(sft_ptr, aligned_ptr, out_ptr, parts_ptr, n, coeff,
     s = tl.load(sft_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     a = tl.load(aligned_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     d = s - a  # torch.lerp's (end - self); -(aligned - sft)
-    if FROM_SFT:
+    if KEEP:  # alpha = 0: aligned itself (a + 0 * d would turn -0.0 into +0.0 where d > 0)
+        o = a
+    elif FROM_SFT:
         o = tl.fma(d, coeff, s)
     else:
         o = tl.fma(d, coeff, a)
@@ -180,7 +182,8 @@ def _launch_triton(out, sft, aligned, alpha: float, parts: torch.Tensor | None) 
                          "TRITON_INTERPRET=1 before triton is imported, or use kernel='torch'")
     grid = (-(-n // BLOCK),)
     _triton_kernel()[grid](sft, aligned, out, out if parts is None else parts, n, coeff,
-                           FROM_SFT=from_sft, STATS=parts is not None, BLOCK=BLOCK, num_warps=NUM_WARPS)
+                           FROM_SFT=from_sft, KEEP=alpha == 0, STATS=parts is not None, BLOCK=BLOCK,
+                           num_warps=NUM_WARPS)
 
 
 def _reduce(parts: torch.Tensor) -> torch.Tensor:
@@ -195,7 +198,7 @@ def _torch_chunk(out, sft, aligned, alpha: float, stats: bool) -> torch.Tensor |
     7 float64 sums of `_reduce` (on the device, not synchronised) when `stats`."""
     wide = torch.float64 if torch.float64 in (sft.dtype, aligned.dtype, out.dtype) else torch.float32
     if not stats and sft.dtype == aligned.dtype == out.dtype:
-        torch.lerp(aligned, sft, -alpha, out=out)
+        kernels.lerp(out, aligned, sft, alpha)
         return None
     n, dev = out.numel(), out.device
     step = kernels.STATS_BLOCK if stats else kernels.BLOCK
@@ -207,7 +210,7 @@ def _torch_chunk(out, sft, aligned, alpha: float, stats: bool) -> torch.Tensor |
         s, a, o, r = x[: stop - start], y[: stop - start], z[: stop - start], parts[i]
         s.copy_(sft[start:stop])
         a.copy_(aligned[start:stop])
-        torch.lerp(a, s, -alpha, out=o)
+        kernels.lerp(o, a, s, alpha)
         out[start:stop].copy_(o)  # the one rounding
         if not stats:
             continue
@@ -286,7 +289,7 @@ class _HostSet:
     keeps it cached after use."""
 
     def __init__(self, nbytes: int, pin: bool):
-        nbytes = max(nbytes, 8) + 2 * ALIGN  # as executor._Buffers: room to align O_DIRECT reads
+        nbytes = max(nbytes, 8) + 3 * ALIGN  # as executor._Buffers: room to align O_DIRECT reads
         self.sft = torch.empty(nbytes, dtype=torch.uint8)
         self.aligned = torch.empty(nbytes, dtype=torch.uint8)
         self.sums = torch.empty(7, dtype=torch.float64, pin_memory=pin)

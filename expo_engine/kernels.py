@@ -49,21 +49,24 @@ def _load_native(kind: str = ""):
         return None
     try:
         from . import _fused
-    except ImportError:
+
+        lib = ctypes.CDLL(_fused.__file__)
+        fn = lib.expo_extrapolate_generic if kind == "generic" else lib.expo_extrapolate
+        diff = lib.expo_diff_stats
+        target = lib.expo_kernel_target
+    except (ImportError, OSError, AttributeError):
+        # not built, or built from an older _fused.c (an editable install not rebuilt after a pull): torch ops
         return None
-    lib = ctypes.CDLL(_fused.__file__)
-    fn = lib.expo_extrapolate_generic if kind == "generic" else lib.expo_extrapolate
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
                    ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.POINTER(ctypes.c_double),
                    ctypes.POINTER(ctypes.c_int)]
     fn.restype = ctypes.c_int
-    diff = lib.expo_diff_stats
     diff.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
                      ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_int)]
     diff.restype = ctypes.c_int
     fn.diff = diff
-    lib.expo_kernel_target.restype = ctypes.c_char_p
-    fn.target = "generic" if kind == "generic" else lib.expo_kernel_target().decode()
+    target.restype = ctypes.c_char_p
+    fn.target = "generic" if kind == "generic" else target().decode()
     # The untuned loop is slower than torch's own kernels (measured 3x): by default it runs only when asked.
     return fn if fn.target == "avx2" or kind == "generic" else None
 
@@ -165,6 +168,17 @@ def extrapolate_chunk_checked(out: torch.Tensor, sft: torch.Tensor, aligned: tor
     return maybe_nonfinite(out)
 
 
+def lerp(out: torch.Tensor, aligned: torch.Tensor, sft: torch.Tensor, alpha: float) -> torch.Tensor:
+    """`torch.lerp(aligned, sft, -alpha, out=out)`, except that alpha = 0 copies `aligned` (rounded once to out's
+    dtype): lerp's a + 0 * d turns an aligned -0.0 into +0.0 where sft < aligned, and alpha = 0 must give the
+    aligned model bit for bit."""
+    if alpha == 0:
+        return out.copy_(aligned)
+    import torch
+
+    return torch.lerp(aligned, sft, -alpha, out=out)
+
+
 def extrapolate_chunk_torch(out: torch.Tensor, sft: torch.Tensor, aligned: torch.Tensor, alpha: float) -> None:
     """`extrapolate_chunk` with torch ops."""
     import torch
@@ -172,7 +186,7 @@ def extrapolate_chunk_torch(out: torch.Tensor, sft: torch.Tensor, aligned: torch
     if sft.dtype == aligned.dtype == out.dtype:
         # lerp(a, s, w) = a + w * (s - a); with w = -alpha that is the formula itself. For bf16/fp16 torch computes
         # it in float32 and rounds once; alpha = 0 returns aligned bit for bit.
-        torch.lerp(aligned, sft, -alpha, out=out)
+        lerp(out, aligned, sft, alpha)
         return
     wide = torch.float64 if torch.float64 in (sft.dtype, aligned.dtype, out.dtype) else torch.float32
     n = out.numel()
@@ -182,7 +196,7 @@ def extrapolate_chunk_torch(out: torch.Tensor, sft: torch.Tensor, aligned: torch
         stop = min(start + BLOCK, n)
         a = a_buf[: stop - start].copy_(aligned[start:stop])
         s = s_buf[: stop - start].copy_(sft[start:stop])
-        torch.lerp(a, s, -alpha, out=a)
+        lerp(a, a, s, alpha)
         out[start:stop].copy_(a)  # the one rounding (round to nearest even)
 
 
@@ -271,7 +285,7 @@ def extrapolate_chunk_stats_torch(out: torch.Tensor, sft: torch.Tensor, aligned:
         s, a, o, r = x[: stop - start], y[: stop - start], z[: stop - start], parts[i]
         s.copy_(sft[start:stop])
         a.copy_(aligned[start:stop])
-        torch.lerp(a, s, -alpha, out=o)  # the same float32 (float64) arithmetic as extrapolate_chunk
+        lerp(o, a, s, alpha)  # the same float32 (float64) arithmetic as extrapolate_chunk
         if out.dtype != wide:
             out[start:stop].copy_(o)  # the one rounding
             o.copy_(out[start:stop])  # the update as applied: rounded values

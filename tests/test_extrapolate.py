@@ -188,9 +188,11 @@ def test_overwrite_replaces_previous_output(pair, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
+@pytest.mark.parametrize("chunk", [1 << 16, 10_000, 12_346])
 @pytest.mark.parametrize("buffered", [False, True])
-def test_direct_and_buffered_reads_give_the_same_exact_output(pairs, tmp_path, monkeypatch, buffered):
-    """Chunks of 64 KiB: reads of whole 4 KiB blocks around unaligned tensor offsets and writes of whole blocks
+def test_direct_and_buffered_reads_give_the_same_exact_output(pairs, tmp_path, monkeypatch, buffered, chunk):
+    """Chunks of 64 KiB (and of sizes that are no multiple of 4 KiB: a direct read then needs up to 3 blocks more
+    than the chunk): reads of whole 4 KiB blocks around unaligned tensor offsets and writes of whole blocks
     with the tail carried to the next write (O_DIRECT), or page-cache I/O with EXPO_BUFFERED_IO=1; both give
     the same bytes, on safetensors and `.bin` inputs, in several shards whose headers end mid-block."""
     import expo_engine.executor as ex
@@ -205,7 +207,7 @@ def test_direct_and_buffered_reads_give_the_same_exact_output(pairs, tmp_path, m
         monkeypatch.setenv("EXPO_BUFFERED_IO", "1")
     p = pairs["untied-mixed"]
     out = str(tmp_path / "out")
-    extrapolate(p.sft, p.aligned, 0.7, out, chunk_bytes=1 << 16, max_shard_size="30KB")
+    extrapolate(p.sft, p.aligned, 0.7, out, chunk_bytes=chunk, max_shard_size="30KB")
     assert worst_steps(load_output(out), p.sft_state, p.aligned_state, 0.7) <= 1
     assert bool(calls) != buffered
     assert bool(writes) != buffered and (buffered or len(set(writes)) > 1)
@@ -213,7 +215,7 @@ def test_direct_and_buffered_reads_give_the_same_exact_output(pairs, tmp_path, m
     monkeypatch.delenv("EXPO_BUFFERED_IO", raising=False)
     monkeypatch.setenv("EXPO_BUFFERED_IO", "0" if buffered else "1")  # the other way round: the same bytes
     other = str(tmp_path / "other")
-    extrapolate(p.sft, p.aligned, 0.7, other, chunk_bytes=1 << 16, max_shard_size="30KB")
+    extrapolate(p.sft, p.aligned, 0.7, other, chunk_bytes=chunk, max_shard_size="30KB")
     shards = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
     assert len(shards) > 1 and shards == sorted(f for f in os.listdir(other) if f.endswith(".safetensors"))
     for f in shards:
@@ -239,3 +241,34 @@ def test_extrapolate_runs_without_importing_torch(pairs, tmp_path, layout):
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().splitlines()[-1] == "no torch"
     assert worst_steps(load_output(out), p.sft_state, p.aligned_state, 0.3) <= 1
+
+
+def test_direct_reads_fit_the_buffer_at_every_address_and_offset(tmp_path):
+    """A direct read of a chunk that is no multiple of 4 KiB needs up to 3 blocks more than the chunk (aligning
+    the address, then whole blocks around an unaligned range): at every buffer address and file offset, the
+    bytes come back right, whether the read goes direct or (where it would not fit) through the page cache."""
+    import numpy as np
+
+    from expo_engine.executor import ALIGN, _Buffers, _Inputs
+    from expo_engine.sources import TensorSlot
+
+    data = os.urandom(64 << 10)
+    path = str(tmp_path / "weights.bin")
+    with open(path, "wb") as f:
+        f.write(data)
+    inputs = _Inputs([path], direct=True)
+    try:
+        if path not in inputs.direct:
+            pytest.skip("this filesystem refuses O_DIRECT")
+        chunk = 10_002
+        size = len(_Buffers(chunk).sft)
+        raw = np.empty(size + ALIGN, dtype=np.uint8)
+        shifts = [(s - raw.ctypes.data) % ALIGN for s in range(0, ALIGN, 2)]  # every even address mod 4 KiB
+        for shift in shifts[::64] + [(-raw.ctypes.data + 2) % ALIGN, (-raw.ctypes.data - 2) % ALIGN]:
+            buf = raw[shift: shift + size]
+            for offset in (0, 2, 3000, 4094, 4096, 5000):
+                slot = TensorSlot("t", "BF16", (chunk // 2,), path, offset, chunk)
+                got = inputs.read_bytes(buf, slot, 0, chunk // 2)
+                assert got.tobytes() == data[offset: offset + chunk], (shift, offset)
+    finally:
+        inputs.close()

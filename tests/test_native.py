@@ -200,3 +200,31 @@ def test_norms_kernel_sums_in_float64(da, db):
     st = kernels.diff_stats_bytes(a.view(torch.uint8).numpy(), kernels.dtypes.NAME[da],
                                   b.view(torch.uint8).numpy(), kernels.dtypes.NAME[db])
     assert not st.finite
+
+
+@pytest.mark.parametrize("stats", [False, True])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_alpha_zero_is_aligned_bit_for_bit_even_for_negative_zero(impls, dtype, stats):
+    """alpha = 0 must give the aligned tensor bit for bit; lerp's a + 0 * d would turn an aligned -0.0 into +0.0
+    wherever sft < aligned (on every implementation: compiled, untuned, torch ops)."""
+    n = 1001
+    g = torch.Generator().manual_seed(8)
+    s = torch.randn(n, generator=g).to(dtype)
+    a = torch.randn(n, generator=g).to(dtype)
+    a[::3] = -0.0
+    s[::6] = 1.0  # sft > aligned = -0.0: lerp's fma gives +0.0 there
+    s[3::6] = -1.0
+    bits = {2: torch.int16, 4: torch.int32}[a.element_size()]
+    for impl in [*IMPLS, "torch"]:
+        out = torch.empty_like(a)
+        _run(impls.get(impl), out, s, a, 0.0, stats)
+        assert torch.equal(out.view(bits), a.view(bits)), impl
+
+
+def test_a_stale_compiled_kernel_falls_back_to_torch(monkeypatch):
+    """A `_fused` library without the symbols this version calls (an editable install not rebuilt after an
+    update) must not break `import expo_engine`: the loader returns None and torch ops do the work."""
+    import ctypes
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda path: object())
+    assert kernels._load_native() is None
