@@ -119,20 +119,14 @@ INLINE v8i nonfinite(v8f x) { return (v8i)(((v8u)x & 0x7f800000u) == 0x7f800000u
 INLINE v8f vabs(v8f x) { return (v8f)((v8u)x & 0x7fffffffu); }
 
 /* max(m, x) per lane; a NaN in x leaves m as it was (NaN and Inf are reported by the flags instead). */
-INLINE v8f vmax(v8f m, v8f x) {
-    v8i gt = (v8i)(x > m);
-    return (v8f)((gt & (v8i)x) | (~gt & (v8i)m));
-}
+INLINE v8f vmax(v8f m, v8f x) { return (v8f)vselect((v8i)(x > m), (v8u)x, (v8u)m); }
 
 struct acc {
     v8f ss, aa, oo, dd, uu, md, mu;
     v8u top_o; /* the largest |out| bit pattern: an Inf or a NaN if it reaches 0x7f800000 */
 };
 
-INLINE v8u vmaxu(v8u m, v8u x) {
-    v8u gt = (v8u)(x > m);
-    return (gt & x) | (~gt & m);
-}
+INLINE v8u vmaxu(v8u m, v8u x) { return vselect((v8i)(x > m), x, m); }
 
 INLINE void step(char *out, int odt, const char *sft, int sdt, const char *aligned, int adt, v8f w, int small,
                  v8i keep, int stats, struct acc *t) {

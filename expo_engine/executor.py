@@ -82,7 +82,7 @@ class _Inputs:
     def _read_direct(self, buf: np.ndarray, slot: TensorSlot, offset: int, nbytes: int) -> np.ndarray:
         """O_DIRECT: the disk writes straight into `buf` (no page-cache copy, no page cache churn). Reads whole
         aligned blocks around the range into an aligned spot of `buf` and returns the range's view."""
-        lo, hi = offset - offset % ALIGN, -(-(offset + nbytes) // ALIGN) * ALIGN
+        lo, hi = _blocks(offset, nbytes)
         base = -buf.ctypes.data % ALIGN
         mem = memoryview(buf[base: base + hi - lo])
         got, pos = 0, lo
@@ -119,9 +119,14 @@ class _Inputs:
         self.direct.clear()
 
 
+def _blocks(offset: int, nbytes: int) -> tuple[int, int]:
+    """The whole ALIGN blocks around [offset, offset + nbytes): (first byte, end)."""
+    return offset - offset % ALIGN, -(-(offset + nbytes) // ALIGN) * ALIGN
+
+
 def _direct_room(buf: np.ndarray, offset: int, nbytes: int) -> int:
     """Bytes of `buf` a direct read of [offset, offset + nbytes) uses: alignment of the address, then whole blocks."""
-    lo, hi = offset - offset % ALIGN, -(-(offset + nbytes) // ALIGN) * ALIGN
+    lo, hi = _blocks(offset, nbytes)
     return -buf.ctypes.data % ALIGN + hi - lo
 
 
