@@ -10,6 +10,7 @@ the units whose journal entry still matches the bytes on disk.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -309,8 +310,10 @@ def execute_ray(plan: Plan, units: tuple[Unit, ...], staging: Staging, *, worker
                     if stop_after and finished >= stop_after and (todo or pending):
                         raise KeyboardInterrupt
         except KeyboardInterrupt:
-            for ref in pending:
-                ray.cancel(ref, force=True)
+            if not started:  # a cluster we joined keeps running: stop our tasks there (ours is shut down below)
+                for ref in pending:  # force=True can race a finishing task and abort this process (Ray's own check)
+                    with contextlib.suppress(Exception):
+                        ray.cancel(ref)
             staging.keep = True
             raise Interrupted(f"interrupted; {len(staging.journal_done())} of {len(units)} units are kept in "
                               f"{staging.dir}; run the same command again to resume") from None

@@ -194,7 +194,7 @@ def test_cli_killed_or_terminated_then_rerun_resumes_exactly(pairs, reference, t
         os.kill(proc.pid, signal.SIGTERM)  # `kill PID`, as a scheduler's pre-emption notice
     _, err = proc.communicate(timeout=60)
     if how == "SIGTERM":
-        assert proc.returncode == 130
+        assert proc.returncode == 130, err
         assert "interrupted;" in err and "run the same command again to resume" in err and "Traceback" not in err
     else:
         assert proc.returncode == -signal.SIGKILL
