@@ -131,8 +131,13 @@ class Staging:
         # ALIGN boundary that wait for the rest of their block: {shard: (aligned offset, bytes)}
         self._direct: dict[str, int] = {}
         self._carry: dict[str, tuple[int, bytes]] = {}
+        self._made: list[str] = []
 
     def __enter__(self) -> Staging:
+        parent = os.path.dirname(self.dir)
+        while not os.path.lexists(parent):  # the folders this run creates, removed again if it fails
+            self._made.append(parent)
+            parent = os.path.dirname(parent)
         os.makedirs(os.path.dirname(self.dir), exist_ok=True)
         if os.path.lexists(self.dir):
             if self.journal_key and self._journal_key_on_disk() == self.journal_key and all(
@@ -165,6 +170,7 @@ class Staging:
         except BaseException:
             self.__exit__(None, None, None)
             shutil.rmtree(self.dir, ignore_errors=True)
+            self._remove_made()
             raise
         return self
 
@@ -175,6 +181,14 @@ class Staging:
         self._direct.clear()
         if exc_type is not None and not self.keep:
             shutil.rmtree(self.dir, ignore_errors=True)
+            self._remove_made()
+
+    def _remove_made(self) -> None:
+        for folder in self._made:  # deepest first; a folder something else has put files in stays
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
 
     # The journal: one JSON object per line, fsynced; the first holds the key. A torn last line (a kill during
     # the append) is ignored: that unit is simply done again.
@@ -326,8 +340,10 @@ def model_card(p: dict) -> str:
     def side(s: dict) -> str:
         return f"`{s['source']}`" + (f" (revision `{s['revision']}`)" if s.get("revision") else "")
 
+    aligned = p["aligned"]
+    base = aligned["source"].partition("@")[0] if aligned.get("revision") else aligned["source"]  # a Hub repo id
     return f"""---
-base_model: {p['aligned']['source']}
+base_model: {json.dumps(base)}
 tags:
 - expo
 ---

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -110,3 +111,10 @@ def fake_hub_repo(cache: str, repo: str, folder: str, commit: str) -> str:
     with open(os.path.join(repo_dir, "refs", "main"), "w") as f:
         f.write(commit)
     return snap
+
+
+def require_native(why: str) -> None:
+    """Fail where the compiled kernel must exist (EXPO_REQUIRE_NATIVE=1, as CI sets), else skip with `why`."""
+    if os.environ.get("EXPO_REQUIRE_NATIVE") == "1":
+        pytest.fail(why)
+    pytest.skip(why)

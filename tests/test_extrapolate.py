@@ -19,6 +19,7 @@ from expo_engine.api import no_gpu_here
 from expo_engine.cli import main
 from expo_engine.kernels import reference
 from expo_engine.verify import verify
+from expo_engine.writer import model_card
 
 ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8}
 
@@ -53,13 +54,13 @@ def test_every_element_is_the_formula_rounded_once(pairs, tmp_path, layout, alph
     out = str(tmp_path / "out")
     summary = extrapolate(p.sft, p.aligned, alpha, out, max_shard_size="30KB", chunk_bytes=1000)
     got = load_output(out)
-    # Output names: the aligned side's (save_pretrained drops the tied lm_head.weight).
-    expected_names = set(load_output(p.aligned)) if layout.endswith("mixed") else set(got)
-    assert set(got) == expected_names
+    # Output names: the aligned model's parameters (save_pretrained drops the tied lm_head.weight).
+    expected_names = set(p.aligned_state) - ({"lm_head.weight"} if layout.startswith("tied") else set())
+    assert set(got) == expected_names and len(got) > 10
     assert worst_steps(got, p.sft_state, p.aligned_state, alpha) <= 1
     assert all(got[n].dtype == p.aligned_state[n].dtype for n in got)
     _check_index_consistent(out)
-    assert summary.tensors == len(got) and summary.shards >= 1
+    assert summary.tensors == len(expected_names) and summary.shards >= 1
 
 
 def test_alpha_zero_is_aligned_bit_for_bit(pair, tmp_path):
@@ -146,7 +147,8 @@ def test_side_files_card_and_provenance(pair, tmp_path):
     assert {"config.json", "generation_config.json", "README.md", "expo.json"} <= names
     with open(os.path.join(out, "README.md")) as f:
         card = f.read()
-    assert card.startswith("---\nbase_model: ") and "- expo" in card and "alpha = 0.3" in card
+    assert card.startswith(f"---\nbase_model: {json.dumps(pair.aligned)}\n") and "- expo" in card
+    assert "alpha = 0.3" in card
     with open(os.path.join(out, "expo.json")) as f:
         prov = json.load(f)
     assert prov["alpha"] == 0.3 and prov["sft"]["format"] == "bin" and prov["aligned"]["format"] == "safetensors"
@@ -272,3 +274,12 @@ def test_direct_reads_fit_the_buffer_at_every_address_and_offset(tmp_path):
                 assert got.tobytes() == data[offset: offset + chunk], (shift, offset)
     finally:
         inputs.close()
+
+
+def test_model_card_base_model_is_the_hub_repo_id():
+    """A Hub source's @revision is not part of the repo id: base_model names the repo; the revision is listed."""
+    side = {"source": "org/zephyr-dpo@v1.0", "revision": "0123abcd"}
+    card = model_card({"sft": {"source": "org/zephyr-sft", "revision": "fedc"}, "aligned": side, "alpha": 0.3,
+                       "engine_version": "x", "dtypes": ["BF16"]})
+    assert card.startswith('---\nbase_model: "org/zephyr-dpo"\n')
+    assert "- aligned model: `org/zephyr-dpo@v1.0` (revision `0123abcd`)" in card

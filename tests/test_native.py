@@ -8,6 +8,7 @@ import platform
 
 import pytest
 import torch
+from helpers import require_native
 
 from expo_engine import kernels
 from expo_engine.norms import reference_stats
@@ -28,8 +29,9 @@ def _cpu_has_avx2() -> bool:
 @pytest.mark.skipif(platform.machine() != "x86_64" or not _cpu_has_avx2(), reason="the tuned kernel is for AVX2 CPUs")
 def test_compiled_kernel_is_built_and_used():
     """On an AVX2 machine (CI's) the install must have built the kernel: otherwise the engine silently runs ~3x
-    slower statistics on torch ops."""
-    assert kernels.native_kernel() == "avx2"
+    slower statistics on torch ops. Elsewhere (no compiler, another CPU) it skips unless EXPO_REQUIRE_NATIVE=1."""
+    if kernels.native_kernel() != "avx2":
+        require_native(f"the compiled AVX2 kernel is not in use here (kernel: {kernels.native_kernel()})")
 
 
 def _special(dtype: torch.dtype) -> torch.Tensor:
@@ -75,7 +77,8 @@ IMPLS = ["compiled", "generic"]
 @pytest.fixture(scope="module")
 def impls():
     got = {kind: kernels._load_native(kind) for kind in IMPLS}
-    assert all(got.values()), "the compiled kernel is not built"
+    if not all(got.values()):
+        require_native("expo_engine/_fused.c is not built (pip install -e . with a C compiler)")
     return got
 
 

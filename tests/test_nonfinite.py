@@ -101,3 +101,14 @@ def test_huge_finite_values_are_not_reported(tmp_path):
     s = extrapolate(sft, aligned, 0.5, str(tmp_path / "out"))
     assert s.warnings == []
     assert torch.isfinite(load_output(str(tmp_path / "out"))[UP]).all()
+
+
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_a_failed_run_removes_the_folders_it_created(tmp_path, executor):
+    """--out a/b/out, where a does not exist: the run makes a/b for its staging folder, and a failure found only
+    while computing removes them again (the parent that was there before stays)."""
+    sft, aligned = _overflowing(tmp_path)
+    out = tmp_path / "new" / "deeper" / "out"
+    with pytest.raises(NonFiniteError):
+        extrapolate(sft, aligned, 1.0, str(out), executor=executor, workers=1)
+    assert not (tmp_path / "new").exists()

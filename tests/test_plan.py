@@ -89,9 +89,10 @@ def test_plan_at_llama3_70b_scale(llama70b):
 def test_tensor_larger_than_shard_cap_gets_its_own_shard(llama70b):
     ck = _fake_checkpoint(llama70b, 3, "x")
     plan = make_plan(ck, ck, 1.0, max_shard_size="1GB")
-    for shard in plan.shards:
-        if shard.size > 1e9 + len(shard.header):
-            assert len(shard.tensors) == 1
+    big = [s for s in plan.shards if s.size > 1e9 + len(s.header)]
+    assert all(len(s.tensors) == 1 for s in big)
+    over = [n for n, t in llama70b.items() if t.numel() * t.element_size() > 1e9]  # embedding and head, 2.1 GB
+    assert len(over) == 2 and len(big) == len(over)
 
 
 def test_dtype_override_changes_sizes(llama70b):
