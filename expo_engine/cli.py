@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import signal
 import sys
 import threading
@@ -11,7 +13,7 @@ import time
 from . import __version__
 from .api import FORMULA, Job, Summary, SweepSummary, choose_executor, extrapolate, extrapolate_sweep, prepare
 from .distributed import Interrupted
-from .errors import ExpoError, OptionError
+from .errors import ExpoError, OptionError, OutputError
 from .plan import DEFAULT_MAX_SHARD_SIZE, Plan, parse_alphas
 
 
@@ -223,6 +225,7 @@ def _run_extrapolate(args) -> int:
 
 def _run_norms(args) -> int:
     import csv
+    import io
     import json
 
     from . import norms
@@ -231,6 +234,10 @@ def _run_norms(args) -> int:
         raise OptionError("give checkpoints or --from OUT, not both")
     if not args.from_out and len(args.sources) < 2:
         raise OptionError("expo norms needs at least two checkpoints (or --from OUT)")
+    for option, path in (("--json", args.json), ("--csv", args.csv), ("--markdown", args.markdown),
+                         ("--plot", args.plot)):
+        if path:
+            _check_report_file(option, path)
     if args.plot:
         norms.check_plotting()
     if args.from_out:
@@ -239,18 +246,51 @@ def _run_norms(args) -> int:
         reports = norms.parameter_norms(args.sources, chunk_bytes=max(1, int(args.chunk_mb * 2**20)))
     print("\n\n".join(norms.table(r) for r in reports))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"engine_version": __version__, "inputs": args.sources or [args.from_out],
-                       "pairs": [r.as_dict() for r in reports]}, f, indent=1)
+        _write_report("--json", args.json, json.dumps({"engine_version": __version__,
+                                                       "inputs": args.sources or [args.from_out],
+                                                       "pairs": [r.as_dict() for r in reports]}, indent=1))
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            csv.writer(f).writerows(norms.csv_rows(reports))
+        rows = io.StringIO()
+        csv.writer(rows).writerows(norms.csv_rows(reports))
+        _write_report("--csv", args.csv, rows.getvalue())
     if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(norms.markdown(reports))
+        _write_report("--markdown", args.markdown, norms.markdown(reports))
     if args.plot:
-        norms.plot(reports, args.plot)
+        _write_report("--plot", args.plot, lambda tmp: norms.plot(reports, tmp))
     return 0
+
+
+def _check_report_file(option: str, path: str) -> None:
+    """Refuse, before any checkpoint is read, a report file that could not be written."""
+    target = os.path.realpath(path)
+    folder = os.path.dirname(target)
+    if os.path.isdir(target):
+        raise OutputError(f"{option} {path} is a folder; give a file name")
+    if not os.path.isdir(folder):
+        raise OutputError(f"{option} {path}: the folder {folder} does not exist; create it or choose another path")
+    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(target) and not os.access(target, os.W_OK)):
+        raise OutputError(f"{option} {path}: cannot write there; choose another path")
+
+
+def _write_report(option: str, path: str, content) -> None:
+    """Write `content` (text, or a function that writes a given file) to a temporary file beside `path`, renamed
+    onto it only when complete, so that a failure leaves `path` as it was; an OSError becomes an OutputError."""
+    target = os.path.realpath(path)
+    # The same extension as the target: matplotlib's savefig picks the image format from it.
+    tmp = os.path.join(os.path.dirname(target), ".expo-tmp-" + os.path.basename(target))
+    try:
+        if callable(content):
+            content(tmp)
+        else:
+            with open(tmp, "w", newline="") as f:
+                f.write(content)
+        os.replace(tmp, target)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise OutputError(f"cannot write {option} {path}: {e.strerror or e}") from None
+        raise
 
 
 def _run_verify(args) -> int:
@@ -349,25 +389,27 @@ class Progress:
         self.stream = stream or sys.stderr
         self.bar = None
         self.total = self.done = 0
-        self.last = 0.0
+        self.tty = False
 
     def start(self, plan: Plan, outputs: int = 0) -> None:
         """`outputs`: the number of alphas of a sweep (0: a single run)."""
         self.total, self.began = plan.total_size * max(1, outputs), time.monotonic()
+        self.last = self.began  # the first log line comes one interval after the start
         if outputs:
             print(f"planned {outputs} outputs of {len(plan.tensors)} tensors, {len(plan.shards)} shard(s) each, "
                   f"{human(self.total)} to write from one read of {len(plan.chunks)} chunks", file=self.stream)
         else:
             print(f"planned {len(plan.tensors)} tensors, {len(plan.shards)} shard(s), {human(plan.total_size)} to "
                   f"write in {len(plan.chunks)} chunks", file=self.stream)
-        if self.stream.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=self.total, unit="B", unit_scale=True, desc="extrapolating", file=self.stream)
+        self.tty = self.stream.isatty()
 
     def advance(self, nbytes: int) -> None:
         self.done += nbytes
-        if self.bar is not None:
+        if self.tty:
+            if self.bar is None:  # started here, not in start(): the "executor: ..." line comes after start()
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=self.total, unit="B", unit_scale=True, desc="extrapolating", file=self.stream)
             self.bar.update(nbytes)
             return
         now = time.monotonic()
