@@ -239,7 +239,7 @@ def _run_norms(args) -> int:
         if path:
             _check_report_file(option, path)
     if args.plot:
-        norms.check_plotting()
+        norms.check_plotting(args.plot)
     if args.from_out:
         reports = norms.from_output(args.from_out)
     else:

@@ -10,13 +10,14 @@ streamed like extrapolation: chunks of at most `chunk_bytes`, read with pread in
 
 from __future__ import annotations
 
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from . import dtypes, kernels
-from .errors import MismatchError
+from .errors import MismatchError, OptionError
 from .executor import _Buffers, _Inputs, direct_io
 from .kernels import Stats
 from .plan import _untied_extras
@@ -254,15 +255,20 @@ def _pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        from .errors import OptionError
-
         raise OptionError("--plot needs matplotlib: pip install 'expo-engine[plot]'") from None
     return plt
 
 
-def check_plotting() -> None:
-    """Fail before any reading when --plot cannot be honoured."""
-    _pyplot()
+def check_plotting(path: str) -> None:
+    """Fail before any reading when --plot cannot be honoured: no matplotlib, or a format it cannot write."""
+    plt = _pyplot()
+    formats = plt.figure().canvas.get_supported_filetypes()
+    plt.close("all")
+    ext = os.path.splitext(path)[1].lstrip(".").lower()
+    if ext not in formats:
+        what = f".{ext} files" if ext else "a file without an extension"
+        raise OptionError(f"--plot {path}: matplotlib cannot write {what}; end the name with one of "
+                          + ", ".join("." + f for f in sorted(formats)))
 
 
 def plot(reports: list[PairReport], path: str) -> None:

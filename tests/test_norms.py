@@ -114,3 +114,12 @@ def test_plot_without_matplotlib_is_a_clear_error(pair, tmp_path, capsys, monkey
 def test_norms_needs_two_sources(pair, capsys):
     assert main(["norms", pair.sft]) == 2
     assert "at least two" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["x.txt", "x"])
+def test_plot_format_matplotlib_cannot_write_is_refused_before_reading(pair, tmp_path, capsys, name):
+    path = tmp_path / name
+    rc = main(["norms", pair.sft, pair.aligned, "--plot", str(path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "matplotlib cannot write" in err and ".png" in err, err
+    assert not path.exists() and capsys.readouterr().out == ""
