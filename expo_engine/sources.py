@@ -14,6 +14,8 @@ symbolic link may lead out of the checkpoint folder only where huggingface_hub's
 from __future__ import annotations
 
 import fnmatch
+import glob
+import importlib
 import json
 import math
 import os
@@ -124,8 +126,8 @@ def resolve(source: str) -> tuple[str, str | None]:
 
 
 def _resolve_hub(repo_id: str, revision: str | None) -> tuple[str, str | None]:
-    from huggingface_hub import HfApi, constants, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
     label = f"{repo_id}@{revision}" if revision else repo_id
     try:
@@ -134,34 +136,68 @@ def _resolve_hub(repo_id: str, revision: str | None) -> tuple[str, str | None]:
         return folder, os.path.basename(folder.rstrip("/"))
     except UnsafeLinkError:
         raise  # the cache holds the repo, but a link in it leads elsewhere: say so, do not report it as missing
-    except (LocalEntryNotFoundError, SourceError, OSError, ValueError):
+    except (LocalEntryNotFoundError, SourceError, FormatError, OSError, ValueError):
+        # Not cached, or cached in part (an index naming a shard that is missing): download it unless offline.
         if constants.HF_HUB_OFFLINE:
             raise SourceError(
                 f"{label}: no such local folder, and as a Hub repo it is not complete in the Hugging Face cache "
                 f"({constants.HF_HUB_CACHE}) while HF_HUB_OFFLINE is set; check the path, or download it first"
             ) from None
+    return _download_hub(repo_id, revision, label)
+
+
+def _download_hub(repo_id: str, revision: str | None, label: str) -> tuple[str, str | None]:
+    """Download the weights (one format; for a sharded repo only the shards its index names) and side files.
+
+    The revision is resolved to a commit once, and every file is fetched at that commit, so the index and the
+    shards cannot come from two different pushes.
+    """
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
     try:
-        listing = HfApi().list_repo_files(repo_id, revision=revision)
-        weights = _weight_patterns(listing, label)
-        folder = snapshot_download(repo_id, revision=revision, allow_patterns=weights + SIDE_FILE_PATTERNS)
+        info = HfApi().model_info(repo_id, revision=revision)
+        commit = info.sha
+        weights = [_main_weight_file([s.rfilename for s in info.siblings or []], label)]
+        if weights[0].endswith(".index.json"):  # fetch the shards the index names, not every weight-like file
+            weight_map = read_index(hf_hub_download(repo_id, weights[0], revision=commit), check_files=False)
+            weights += dict.fromkeys(weight_map.values())
+        # Escaped: a weight_map value is a file name, not a pattern (`*.safetensors` must not fetch every file).
+        patterns = [glob.escape(name) for name in weights] + SIDE_FILE_PATTERNS
+        folder = snapshot_download(repo_id, revision=commit, allow_patterns=patterns)
     except HfHubHTTPError as e:
-        raise SourceError(f"{label}: the Hugging Face Hub refused it ({e.__class__.__name__}: {e})") from None
-    except (OSError, ValueError) as e:  # network unreachable, no such revision, ...
-        raise SourceError(f"{label}: could not download it from the Hugging Face Hub ({e})") from None
+        raise SourceError(f"{label}: the Hugging Face Hub refused it ({type(e).__name__}: {_one_line(e)})") from None
+    except (*_transport_errors(), OSError, ValueError) as e:  # no network, a file missing after the download, ...
+        raise SourceError(
+            f"{label}: could not download it from the Hugging Face Hub ({type(e).__name__}: {_one_line(e)}); "
+            "check the network (or HF_ENDPOINT and proxy settings), or fetch the repo on a connected machine and "
+            "set HF_HUB_OFFLINE=1 with the complete repo in the Hugging Face cache"
+        ) from None
     return folder, os.path.basename(folder.rstrip("/"))
 
 
-def _weight_patterns(listing: list[str], label: str) -> list[str]:
-    """The weight files to download: one format only, safetensors preferred."""
-    names = set(listing)
-    if SAFETENSORS_INDEX in names:
-        return [SAFETENSORS_INDEX, "*.safetensors"]
-    if SAFETENSORS_SINGLE in names:
-        return [SAFETENSORS_SINGLE]
-    if BIN_INDEX in names:
-        return [BIN_INDEX, "pytorch_model*.bin"]
-    if BIN_SINGLE in names:
-        return [BIN_SINGLE]
+def _transport_errors() -> tuple[type[Exception], ...]:
+    """What huggingface_hub lets through when a request gets no usable response. Before 1.0 it used requests,
+    whose errors are OSErrors; 1.x uses httpx and 2.x httpx2, whose RequestError (connect, timeout, proxy, protocol,
+    decoding, redirects) is not, so those are listed here, from whichever of the two is installed."""
+    errors = []
+    for module in ("httpx", "httpx2"):
+        try:
+            errors.append(importlib.import_module(module).RequestError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())  # the Hub's messages span lines; the CLI prints an error as one line
+
+
+def _main_weight_file(listing: list[str], label: str) -> str:
+    """The index, or else the single weights file, of one format (safetensors preferred) in a repo's listing."""
+    for name in (SAFETENSORS_INDEX, SAFETENSORS_SINGLE, BIN_INDEX, BIN_SINGLE):
+        if name in listing:
+            return name
     wanted = ", ".join([SAFETENSORS_SINGLE, SAFETENSORS_INDEX, BIN_SINGLE, BIN_INDEX])
     raise SourceError(f"{label}: the repo has none of {wanted}")
 
@@ -181,8 +217,9 @@ def find_weight_files(path: str) -> tuple[str, list[str]]:
     )
 
 
-def read_index(index_path: str) -> dict[str, str]:
-    """The `weight_map` of a sharded checkpoint's index, checked: plain file names inside the folder, all present."""
+def read_index(index_path: str, check_files: bool = True) -> dict[str, str]:
+    """The `weight_map` of a sharded checkpoint's index, checked: plain file names inside the folder, all present
+    (the last two only with `check_files`: a Hub repo's index is read before its shards are downloaded)."""
     folder = os.path.dirname(index_path)
     check_in_folder(folder, index_path)
     try:
@@ -196,6 +233,8 @@ def read_index(index_path: str) -> dict[str, str]:
     for tensor, file in weight_map.items():
         if not isinstance(file, str) or not file or file != os.path.basename(file) or file in (".", ".."):
             raise FormatError(f"{index_path}: tensor '{tensor}' maps to {file!r}, which is not a plain file name")
+        if not check_files:
+            continue
         check_in_folder(folder, os.path.join(folder, file))
         if not os.path.isfile(os.path.join(folder, file)):
             raise FormatError(f"{index_path}: names {file} (for tensor '{tensor}'), which is missing from {folder}")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -172,6 +174,124 @@ def test_cli_extrapolates_from_hub_cache(pair, tmp_path):
         prov = json.load(f)
     assert prov["sft"]["revision"] == "c" * 40 and prov["aligned"]["source"] == "org/dpo@main"
     shutil.rmtree(cache)
+
+
+
+# Online resolution, with the Hub faked: `model_info` gives the listing and the commit, downloads fill a real cache
+# layout from a "remote" folder (fake_hub_repo), and the local-only lookup is huggingface_hub's own.
+def _connect_error() -> Exception:
+    """The connection error the installed huggingface_hub lets through (httpx2 for 2.x, httpx for 1.x)."""
+    for module in ("httpx2", "httpx"):
+        try:
+            return __import__(module).ConnectError("[Errno -3] Temporary failure in name resolution")
+        except ImportError:
+            pass
+    import requests  # huggingface_hub < 1.0
+
+    return requests.ConnectionError("[Errno -3] Temporary failure in name resolution")
+
+
+class FakeHub:
+    """`remote` (a folder) served as repo `org/remote` at commit `commit`; records what each call asked for."""
+
+    def __init__(self, monkeypatch, tmp_path, remote: str, commit: str = "e" * 40):
+        import huggingface_hub
+        from huggingface_hub import constants
+
+        self.remote, self.commit, self.cache, self.tmp = remote, commit, str(tmp_path / "hub"), tmp_path
+        self.downloads: list[tuple[str, str | None, list[str]]] = []  # (call, revision, names or patterns)
+        self.real_snapshot_download = huggingface_hub.snapshot_download
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", self.cache)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(huggingface_hub.HfApi, "model_info", self.model_info)
+        monkeypatch.setattr(huggingface_hub, "hf_hub_download", self.hf_hub_download)
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", self.snapshot_download)
+
+    def model_info(self, repo_id, revision=None, **_):
+        from types import SimpleNamespace
+
+        siblings = [SimpleNamespace(rfilename=name) for name in os.listdir(self.remote)]
+        return SimpleNamespace(sha=self.commit, siblings=siblings)
+
+    def put(self, names) -> str:
+        """Copy `names` from the remote into the cache snapshot (those not there yet); return the snapshot."""
+        staging = tempfile.mkdtemp(dir=self.tmp)
+        snap = os.path.join(self.cache, "models--org--remote", "snapshots", self.commit)
+        for name in names:
+            if not os.path.lexists(os.path.join(snap, name)):
+                shutil.copy(os.path.join(self.remote, name), staging)
+        return fake_hub_repo(self.cache, "org/remote", staging, self.commit)
+
+    def hf_hub_download(self, repo_id, filename, revision=None, **_):
+        self.downloads.append(("hf_hub_download", revision, [filename]))
+        return os.path.join(self.put([filename]), filename)
+
+    def snapshot_download(self, repo_id, revision=None, allow_patterns=None, local_files_only=False, **kw):
+        if local_files_only:
+            return self.real_snapshot_download(repo_id, revision=revision, local_files_only=True, **kw)
+        self.downloads.append(("snapshot_download", revision, list(allow_patterns)))
+        return self.put([n for n in os.listdir(self.remote) if any(fnmatch.fnmatch(n, p) for p in allow_patterns)])
+
+
+def test_unreachable_hub_is_a_source_error(pair, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+    from test_errors import assert_user_error, run_cli
+
+    def unreachable(*args, **kwargs):
+        raise _connect_error()
+
+    FakeHub(monkeypatch, tmp_path, pair.aligned)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", unreachable)
+    with pytest.raises(SourceError, match="someorg/some-model: could not download it .* HF_HUB_OFFLINE=1"):
+        open_checkpoint("someorg/some-model")
+    rc, _, err = run_cli(capsys, "--sft", "someorg/some-model", "--aligned", pair.aligned, "--alpha", "0.3",
+                         "--out", tmp_path / "out")
+    assert_user_error(rc, err, "someorg/some-model", "ConnectError", "check the network")
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.fixture
+def remote_with_strays(pair, tmp_path):
+    """The sharded aligned checkpoint as a Hub repo would hold it, with a stray consolidated weights file beside
+    the shards (as Mistral-7B-v0.3 ships) and a README."""
+    remote = tmp_path / "remote"
+    shutil.copytree(pair.aligned, remote)
+    (remote / "consolidated.safetensors").write_bytes(b"not downloaded")
+    (remote / "README.md").write_text("# model card")
+    return str(remote)
+
+
+def test_sharded_hub_repo_downloads_only_the_indexed_shards(remote_with_strays, tmp_path, monkeypatch):
+    hub = FakeHub(monkeypatch, tmp_path, remote_with_strays)
+    ckpt = open_checkpoint("org/remote")
+    with open(os.path.join(remote_with_strays, "model.safetensors.index.json")) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    assert len(shards) > 1 and ckpt.revision == hub.commit and sorted(ckpt.files) == shards
+    assert [(call, rev) for call, rev, _ in hub.downloads] == [("hf_hub_download", hub.commit),
+                                                              ("snapshot_download", hub.commit)]
+    patterns = hub.downloads[1][2]
+    fetched = {n for n in os.listdir(remote_with_strays) if any(fnmatch.fnmatch(n, p) for p in patterns)}
+    assert fetched == {"model.safetensors.index.json", "config.json", "generation_config.json", *shards}
+    assert sorted(os.listdir(ckpt.path)) == sorted(fetched)
+    expected = open_checkpoint(remote_with_strays)
+    for name, slot in expected.tensors.items():
+        assert _read(ckpt.tensors[name]) == _read(slot), name
+
+
+def test_partially_cached_hub_repo_is_completed_or_refused_offline(remote_with_strays, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    hub = FakeHub(monkeypatch, tmp_path, remote_with_strays)
+    with open(os.path.join(remote_with_strays, "model.safetensors.index.json")) as f:
+        first_shard = sorted(json.load(f)["weight_map"].values())[0]
+    hub.put(["config.json", "model.safetensors.index.json", first_shard])  # an interrupted download
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SourceError, match="org/remote: .*not complete in the Hugging Face cache"):
+        open_checkpoint("org/remote")
+    assert hub.downloads == []
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    ckpt = open_checkpoint("org/remote")
+    assert ckpt.revision == hub.commit and len(ckpt.files) > 1 and "consolidated.safetensors" not in ckpt.files
 
 
 # Mutations of real files: what a damaged download or a hostile uploader could hand the readers.
