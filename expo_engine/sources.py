@@ -387,9 +387,11 @@ def parse_safetensors_header(raw: bytes, file_size: int, path: str = "<header>")
             raise FormatError(f"{path}: tensor '{name}' starts at byte {begin} and {what}; the file is corrupt")
         expected = end
     if data_start + expected != file_size:
+        cut = next((f" (tensor '{n}' and after are cut)" for _, e, n, _, _ in entries if data_start + e > file_size),
+                   "")
         raise FormatError(
             f"{path}: tensors end at byte {data_start + expected} but the file has {file_size} bytes "
-            "(truncated or padded); re-download or re-save it"
+            f"(truncated or padded){cut}; re-download or re-save it"
         )
     return [TensorSlot(n, d, s, path, data_start + b, e - b) for b, e, n, d, s in entries]
 
