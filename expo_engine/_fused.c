@@ -345,6 +345,99 @@ int expo_extrapolate_generic(void *out, int odt, const void *sft, int sdt, const
     return 0;
 }
 
+/* `expo verify`: how far each stored output element is from the float64 formula, in steps of the output dtype,
+ * beyond float32's own error; element for element what kernels.error_steps computes with torch ops (float64):
+ *     exact = a + alpha * (a - s)                         (float64, from the stored values)
+ *     slack = 2^-23 * (|exact| + 3 |alpha| |a - s|)        (float32's rounding of the kernel's three operations)
+ *     r     = exact rounded to the output dtype as torch does (float64 -> float32 -> bfloat16/float16, each RNE)
+ *     steps = 0 where out == r (or both NaN), else max(|out - r| - slack, 0) / ulp(r)
+ * with ulp(r) = eps * 2^(e - 1) for r = m 2^e (frexp), at least tiny * eps; a NaN step counts as Inf and an Inf
+ * one as DBL_MAX (torch.nan_to_num). res[0] = the worst step, res[1] = how many elements are more than 1 off.
+ * Scalar double arithmetic: the check runs at disk speed, and it shares no code with the kernel above. */
+INLINE double load_double(const char *p, int dt, int64_t i) {
+    uint32_t bits;
+    if (dt == DT_F32) {
+        float f;
+        memcpy(&f, p + 4 * i, 4);
+        return f;
+    }
+    uint16_t h;
+    memcpy(&h, p + 2 * i, 2);
+    if (dt == DT_BF16) {
+        bits = (uint32_t)h << 16;
+        float f;
+        memcpy(&f, &bits, 4);
+        return f;
+    }
+    double sign = (h & 0x8000u) ? -1.0 : 1.0;
+    int e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    if (e == 0) return sign * __builtin_ldexp((double)m, -24);
+    if (e == 31) return m ? __builtin_nan("") : sign * __builtin_inf();
+    return sign * __builtin_ldexp((double)(m | 0x400), e - 25);
+}
+
+INLINE double round_to(double exact, int dt) {
+    float f = (float)exact; /* float64 -> float32, round to nearest even */
+    if (dt == DT_F32) return f;
+    uint32_t w;
+    memcpy(&w, &f, 4);
+    if (dt == DT_BF16) {
+        if (f != f) return f;
+        uint32_t b = (w + 0x7fffu + ((w >> 16) & 1u)) & 0xffff0000u;
+        float g;
+        memcpy(&g, &b, 4);
+        return g;
+    }
+    if (f != f) return f;
+    double a = __builtin_fabs((double)f), sign = f < 0 ? -1.0 : 1.0;
+    if (a >= 65520.0) return sign * __builtin_inf(); /* halfway between 65504 and 2^16 and above: Inf */
+    int e;
+    __builtin_frexp(a, &e);
+    int q = e - 11 < -24 ? -24 : e - 11; /* the step of float16 at a: 2^(e-11), subnormals 2^-24 */
+    return sign * __builtin_ldexp(__builtin_nearbyint(__builtin_ldexp(a, -q)), q); /* RNE: the default mode */
+}
+
+static const double EPS[3] = {0x1p-7, 0x1p-10, 0x1p-23}, TINY_EPS[3] = {0x1p-133, 0x1p-24, 0x1p-149};
+
+INLINE void check_body(const char *out, int odt, const char *sft, int sdt, const char *aligned, int adt, int64_t n,
+                       double alpha, double *res) {
+    double worst = res[0], bad = res[1], k = 3 * __builtin_fabs(alpha);
+    for (int64_t i = 0; i < n; i++) {
+        double a = load_double(aligned, adt, i), s = load_double(sft, sdt, i), x = load_double(out, odt, i);
+        double d = a - s, exact = a + alpha * d;
+        double r = round_to(exact, odt);
+        if (x == r || (x != x && r != r)) continue;
+        double slack = 0x1p-23 * (__builtin_fabs(exact) + k * __builtin_fabs(d));
+        double excess = __builtin_fabs(x - r) - slack;
+        if (excess <= 0) continue; /* NaN stays */
+        int e;
+        __builtin_frexp(r, &e);
+        if (!__builtin_isfinite(r)) e = 0; /* glibc's frexp, as torch.frexp gives it */
+        double ulp = __builtin_ldexp(EPS[odt], e - 1);
+        if (ulp < TINY_EPS[odt]) ulp = TINY_EPS[odt];
+        double steps = excess / ulp;
+        steps = steps != steps ? __builtin_inf() : (steps == __builtin_inf() ? 0x1.fffffffffffffp+1023 : steps);
+        if (steps > worst) worst = steps;
+        if (steps > 1) bad += 1;
+    }
+    res[0] = worst;
+    res[1] = bad;
+}
+
+#define CCASE(O, S, A)                                                                                             \
+    case (O) * 9 + (S) * 3 + (A):                                                                                  \
+        check_body(o, O, s, S, a, A, n, alpha, res);                                                               \
+        return 0;
+#define CCASES_S(O, S) CCASE(O, S, 0) CCASE(O, S, 1) CCASE(O, S, 2)
+#define CCASES_O(O) CCASES_S(O, 0) CCASES_S(O, 1) CCASES_S(O, 2)
+
+int expo_error_steps(const void *out, int odt, const void *sft, int sdt, const void *aligned, int adt, int64_t n,
+                     double alpha, double *res) {
+    const char *o = out, *s = sft, *a = aligned;
+    switch (odt * 9 + sdt * 3 + adt) { CCASES_O(0) CCASES_O(1) CCASES_O(2) }
+    return -1;
+}
+
 /* Which code path expo_extrapolate takes on this CPU: for the logs and the tests. */
 const char *expo_kernel_target(void) {
 #if HAVE_AVX2

@@ -53,6 +53,7 @@ def _load_native(kind: str = ""):
         lib = ctypes.CDLL(_fused.__file__)
         fn = lib.expo_extrapolate_generic if kind == "generic" else lib.expo_extrapolate
         diff = lib.expo_diff_stats
+        check = lib.expo_error_steps
         target = lib.expo_kernel_target
     except (ImportError, OSError, AttributeError):
         # not built, or built from an older _fused.c (an editable install not rebuilt after a pull): torch ops
@@ -65,6 +66,10 @@ def _load_native(kind: str = ""):
                      ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_int)]
     diff.restype = ctypes.c_int
     fn.diff = diff
+    check.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                      ctypes.c_int64, ctypes.c_double, ctypes.POINTER(ctypes.c_double)]
+    check.restype = ctypes.c_int
+    fn.check = check
     target.restype = ctypes.c_char_p
     fn.target = "generic" if kind == "generic" else target().decode()
     # The untuned loop is slower than torch's own kernels (measured 3x): by default it runs only when asked.
@@ -343,6 +348,24 @@ def steps_off(out: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
     same = (x == r) | (torch.isnan(x) & torch.isnan(r))
     diff = torch.where(same, torch.zeros_like(r), (x - r).abs())
     return torch.nan_to_num(diff / _ulp(r, out.dtype), nan=float("inf"))
+
+
+def error_counts(out: torch.Tensor, sft: torch.Tensor, aligned: torch.Tensor, alpha: float) -> tuple[float, int]:
+    """(worst steps, elements more than one step off) of `error_steps` over contiguous CPU tensors: one pass of the
+    compiled checker where it handles the dtypes (no float64 copies), else torch ops in blocks."""
+    names = [dtypes.NAME.get(t.dtype) for t in (out, sft, aligned)]
+    if _NATIVE is not None and all(n in _CODES for n in names):
+        res = (ctypes.c_double * 2)()
+        if not _NATIVE.check(out.data_ptr(), _CODES[names[0]], sft.data_ptr(), _CODES[names[1]], aligned.data_ptr(),
+                             _CODES[names[2]], out.numel(), alpha, res):
+            return res[0], int(res[1])
+    worst, bad = 0.0, 0
+    for start in range(0, out.numel(), BLOCK):  # float64 scratch stays small
+        stop = start + BLOCK
+        steps = error_steps(out[start:stop], sft[start:stop], aligned[start:stop], alpha)
+        worst = max(worst, steps.max().item())
+        bad += int((steps > 1).sum().item())
+    return worst, bad
 
 
 def error_steps(out: torch.Tensor, sft: torch.Tensor, aligned: torch.Tensor, alpha: float) -> torch.Tensor:

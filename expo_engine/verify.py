@@ -19,7 +19,6 @@ import math
 import os
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from . import dtypes, kernels
 from .errors import FormatError, MismatchError, OptionError, SourceError
@@ -34,9 +33,6 @@ from .sources import (
     read_safetensors_metadata,
 )
 from .writer import PROVENANCE_NAME, hash_fd
-
-if TYPE_CHECKING:
-    import torch
 
 MAX_LISTED = 20  # problems and failing tensors shown by format_report
 
@@ -343,7 +339,7 @@ def _check_elements(slots, sft, aligned, alpha, sample, seed, chunk_bytes, probl
                 worst = math.inf if bad else 0.0
             else:
                 s_vals = inputs.read_into(buf_sft, s, start, stop)
-                worst, bad = _float_errors(got, s_vals, want, (overrides or {}).get(o.name, alpha))
+                worst, bad = kernels.error_counts(got, s_vals, want, (overrides or {}).get(o.name, alpha))
             stats[i][0], stats[i][1] = max(stats[i][0], worst), stats[i][1] + bad
     finally:
         inputs.close()
@@ -351,13 +347,3 @@ def _check_elements(slots, sft, aligned, alpha, sample, seed, chunk_bytes, probl
     worst = max((st[0] for st in stats), default=0.0)
     return sum(stop - start for _, start, stop in chunks), worst, failing
 
-
-def _float_errors(out: torch.Tensor, sft: torch.Tensor, aligned: torch.Tensor, alpha: float) -> tuple[float, int]:
-    """Worst steps and count of elements more than one step off, in blocks so float64 scratch stays small."""
-    worst, bad = 0.0, 0
-    for start in range(0, out.numel(), kernels.BLOCK):
-        stop = start + kernels.BLOCK
-        steps = kernels.error_steps(out[start:stop], sft[start:stop], aligned[start:stop], alpha)
-        worst = max(worst, steps.max().item())
-        bad += int((steps > 1).sum().item())
-    return worst, bad

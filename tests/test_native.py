@@ -231,3 +231,67 @@ def test_a_stale_compiled_kernel_falls_back_to_torch(monkeypatch):
 
     monkeypatch.setattr(ctypes, "CDLL", lambda path: object())
     assert kernels._load_native() is None
+
+
+def _outputs_to_check(s, a, alpha, do, seed):
+    """Outputs `expo verify` may meet: the kernel's own, each element nudged by 0-3 steps or random bits, and
+    values near the ends of the output's range."""
+    out = torch.empty(s.numel(), dtype=do)
+    kernels.extrapolate_chunk_torch(out, s, a, alpha)
+    g = torch.Generator().manual_seed(seed)
+    bits = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}[do]
+    raw = out.view(bits).clone()
+    nudge = torch.randint(-3, 4, raw.shape, generator=g, dtype=torch.int64).to(bits)
+    nudged = (raw + nudge).view(do)
+    scrambled = raw.clone()
+    where = torch.randperm(raw.numel(), generator=g)[: raw.numel() // 10]
+    scrambled[where] = torch.randint(-2**15, 2**15, (len(where),), generator=g, dtype=torch.int64).to(bits)
+    return [out, nudged, scrambled.view(do)]
+
+
+@pytest.mark.parametrize("ds,da,do", list(itertools.product(FLOATS, FLOATS, FLOATS)))
+def test_compiled_checker_agrees_with_torch_error_steps(impls, ds, da, do):
+    """`expo verify`'s compiled checker gives torch's error_steps' worst step and count element for element, on
+    correct, nudged and scrambled outputs, special values included (NaN, Inf, subnormals, overflow)."""
+    for seed, (n, alpha) in enumerate([(5003, 0.3), (1031, 2.5), (777, -0.5), (512, 25.0), (300, 1e4), (64, 0.0)]):
+        s, a = _data(n, ds, da, seed)
+        for k, out in enumerate(_outputs_to_check(s, a, alpha, do, seed)):
+            steps = kernels.error_steps(out, s, a, alpha)
+            want = (steps.max().item(), int((steps > 1).sum()))
+            got = kernels.error_counts(out, s, a, alpha)
+            assert got == want, (k, alpha, got, want)
+            if k:  # a nudged or scrambled output is caught
+                assert want[1] > 0
+            for i in range(0, n, 97):  # element by element too: the same verdict for each
+                one = kernels.error_counts(out[i:i + 1], s[i:i + 1], a[i:i + 1], alpha)
+                assert one == (steps[i].item(), int(steps[i] > 1)), (i, out[i], s[i], a[i], alpha)
+
+
+def test_checker_falls_back_to_torch_without_the_kernel(monkeypatch):
+    s, a = _data(1000, torch.bfloat16, torch.bfloat16, 3)
+    out = _outputs_to_check(s, a, 0.3, torch.bfloat16, 3)[1]
+    want = kernels.error_counts(out, s, a, 0.3)
+    monkeypatch.setattr(kernels, "_NATIVE", None)
+    assert kernels.error_counts(out, s, a, 0.3) == want and want[1] > 0
+
+
+@pytest.mark.parametrize("do", [torch.bfloat16, torch.float16])
+def test_checker_on_float32_midpoints_and_float16_subnormals(do):
+    """Where rounding float64 -> float32 -> the output dtype (torch's way) differs from rounding once: values just
+    past a midpoint of the output dtype; and results among float16's subnormals, whose step is fixed."""
+    bits = 8 if do == torch.bfloat16 else 11  # half a step of the output at 1.0 is 2^-bits
+    e = torch.arange(-6, 7, dtype=torch.float64).repeat_interleave(4)
+    m = torch.tensor([1 + 2.0**-bits, 1 + 3 * 2.0**-bits, -(1 + 2.0**-bits), 1.5 + 2.0**-bits]).repeat(13)
+    a = (m * 2**e).float()  # on a midpoint of the output dtype, exactly
+    s = (a.double() - 2**e * 2.0**-20).float()  # alpha (a - s) = 2^(e - 30): past the midpoint by less than float32
+    tiny = torch.linspace(-3e-6, 3e-6, 211, dtype=torch.float64)  # float16 subnormals: below 6.1e-5
+    s = torch.cat([s, (tiny * 0.9).float()])
+    a = torch.cat([a, tiny.float()])
+    out = torch.empty(a.numel(), dtype=do)
+    kernels.extrapolate_chunk_torch(out, s, a, 2.0**-10)
+    for got in (out, (out.view(torch.int16) + 1).view(do)):
+        steps = kernels.error_steps(got, s, a, 2.0**-10)
+        assert kernels.error_counts(got, s, a, 2.0**-10) == (steps.max().item(), int((steps > 1).sum()))
+        for i in range(a.numel()):
+            one = kernels.error_counts(got[i:i + 1], s[i:i + 1], a[i:i + 1], 2.0**-10)
+            assert one == (steps[i].item(), int(steps[i] > 1)), (i, got[i], s[i], a[i])
