@@ -7,7 +7,8 @@ Three checks, each independent of how the output was written:
 2. checksums: every file listed in `expo.json` has its recorded size and sha256, and nothing else is in the folder;
 3. elements (with both sources): every float element is the float64 formula rounded once, within one output step
    (float32's own error forgiven where the result cancels, as `kernels.error_steps` measures it); every other
-   tensor equals the aligned bytes. Read chunk by chunk with `pread` into three reused buffers.
+   tensor equals the aligned bytes. Read chunk by chunk with `pread` (O_DIRECT where allowed) into two reused sets
+   of three buffers, one set read by a thread while the other is checked.
 
 A damaged output is not an exception: it is a report with `ok` False, each problem naming its file or tensor.
 """
@@ -18,11 +19,12 @@ import json
 import math
 import os
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from . import dtypes, kernels
 from .errors import FormatError, MismatchError, OptionError, SourceError
-from .executor import _Inputs
+from .executor import _Buffers, _Inputs, direct_io
 from .plan import _shared_names, check_alpha
 from .sources import (
     SAFETENSORS_INDEX,
@@ -76,9 +78,10 @@ def verify(
 
     `alpha` defaults to the one recorded in `out/expo.json`; tensors that alpha rules gave another alpha are
     checked with the one recorded for them there (`alpha_by_tensor`). `sample` (in (0, 1]) checks that fraction of the
-    chunks, chosen at random with `seed` (checksums and structure are always checked in full). Memory: three
-    buffers of `chunk_bytes` plus about 100 MB of float64 scratch (1 M elements at a time), whatever the model's
-    size. Every file is read once to hash it, and the shards again, with the sources, to check elements.
+    chunks, chosen at random with `seed` (checksums and structure are always checked in full). Memory: two sets of
+    three buffers of `chunk_bytes` (one read while the other is checked; the compiled checker needs no more; torch
+    ops, its fallback, add ~100 MB of float64 scratch), whatever the model's size. Every file is read once to hash
+    it, and the shards again, with the sources, to check elements.
 
     Raises an ExpoError subclass for user errors (no such folder, no weights in it, unreadable sources, sources
     whose tensors are not the output's); a damaged output gives a report with `ok` False.
@@ -324,23 +327,33 @@ def _check_elements(slots, sft, aligned, alpha, sample, seed, chunk_bytes, probl
         picked = random.Random(seed).sample(range(len(chunks)), max(1, math.ceil(sample * len(chunks))))
         chunks = [chunks[k] for k in sorted(picked)]
 
-    size = max(chunk_bytes, 8)  # a chunk holds at least one element of the widest dtype
-    buf_out, buf_sft, buf_aligned = (torch.empty(size, dtype=torch.uint8) for _ in range(3))
     stats = [[0.0, 0] for _ in work]  # per tensor: worst steps, elements off by more than one step
-    inputs = _Inputs([t.file for o, s, a, copied in work for t in (o, a) + (() if copied else (s,))])
+    inputs = _Inputs([t.file for o, s, a, copied in work for t in (o, a) + (() if copied else (s,))],
+                     direct=direct_io())
+    sets = [_Buffers(chunk_bytes) for _ in range(2)]  # one set is read (O_DIRECT where allowed) while one is checked
+
+    def read(k: int):
+        i, start, stop = chunks[k]
+        o, s, a, copied = work[i]
+        bufs = sets[k % 2]
+        return (inputs.read_into(bufs.out, o, start, stop), inputs.read_into(bufs.aligned, a, start, stop),
+                None if copied else inputs.read_into(bufs.sft, s, start, stop))
+
     try:
-        for i, start, stop in chunks:
-            o, s, a, copied = work[i]
-            got = inputs.read_into(buf_out, o, start, stop)
-            want = inputs.read_into(buf_aligned, a, start, stop)
-            if copied:
-                n = dtypes.itemsize(o.dtype)
-                bad = got.view(torch.uint8).view(-1, n).ne(want.view(torch.uint8).view(-1, n)).any(1).sum().item()
-                worst = math.inf if bad else 0.0
-            else:
-                s_vals = inputs.read_into(buf_sft, s, start, stop)
-                worst, bad = kernels.error_counts(got, s_vals, want, (overrides or {}).get(o.name, alpha))
-            stats[i][0], stats[i][1] = max(stats[i][0], worst), stats[i][1] + bad
+        with ThreadPoolExecutor(1, "expo-verify-read") as reader:
+            pending = reader.submit(read, 0) if chunks else None
+            for k, (i, _, _) in enumerate(chunks):
+                got, want, s_vals = pending.result()
+                if k + 1 < len(chunks):
+                    pending = reader.submit(read, k + 1)
+                o, s, a, copied = work[i]
+                if copied:
+                    n = dtypes.itemsize(o.dtype)
+                    bad = got.view(torch.uint8).view(-1, n).ne(want.view(torch.uint8).view(-1, n)).any(1).sum().item()
+                    worst = math.inf if bad else 0.0
+                else:
+                    worst, bad = kernels.error_counts(got, s_vals, want, (overrides or {}).get(o.name, alpha))
+                stats[i][0], stats[i][1] = max(stats[i][0], worst), stats[i][1] + bad
     finally:
         inputs.close()
     failing = [(o.name, st[0], st[1]) for (o, *_), st in zip(work, stats, strict=True) if st[1]]
