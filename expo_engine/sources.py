@@ -131,17 +131,26 @@ def _resolve_hub(repo_id: str, revision: str | None) -> tuple[str, str | None]:
 
     label = f"{repo_id}@{revision}" if revision else repo_id
     try:
-        folder = snapshot_download(repo_id, revision=revision, local_files_only=True)
+        try:
+            folder = snapshot_download(repo_id, revision=revision, local_files_only=True)
+        except LocalEntryNotFoundError as e:
+            # huggingface_hub >= 1 calls a snapshot incomplete when it lacks any file of the repo's listing (a
+            # README expo never fetched); what expo needs is judged below, by the weights and their index
+            folder = getattr(e, "snapshot_path", None)
+            if not folder:
+                raise
+            folder = str(folder)
         find_weight_files(folder)
         return folder, os.path.basename(folder.rstrip("/"))
     except UnsafeLinkError:
         raise  # the cache holds the repo, but a link in it leads elsewhere: say so, do not report it as missing
-    except (LocalEntryNotFoundError, SourceError, FormatError, OSError, ValueError):
+    except (LocalEntryNotFoundError, SourceError, FormatError, OSError, ValueError) as e:
         # Not cached, or cached in part (an index naming a shard that is missing): download it unless offline.
         if constants.HF_HUB_OFFLINE:
+            why = f": {e}" if isinstance(e, FormatError | SourceError) else ""
             raise SourceError(
                 f"{label}: no such local folder, and as a Hub repo it is not complete in the Hugging Face cache "
-                f"({constants.HF_HUB_CACHE}) while HF_HUB_OFFLINE is set; check the path, or download it first"
+                f"({constants.HF_HUB_CACHE}) while HF_HUB_OFFLINE is set{why}; check the path, or download it first"
             ) from None
     return _download_hub(repo_id, revision, label)
 
@@ -165,6 +174,7 @@ def _download_hub(repo_id: str, revision: str | None, label: str) -> tuple[str, 
         # Escaped: a weight_map value is a file name, not a pattern (`*.safetensors` must not fetch every file).
         patterns = [glob.escape(name) for name in weights] + SIDE_FILE_PATTERNS
         folder = snapshot_download(repo_id, revision=commit, allow_patterns=patterns)
+        _remember_revision(folder, revision or "main", commit)
     except HfHubHTTPError as e:
         raise SourceError(f"{label}: the Hugging Face Hub refused it ({type(e).__name__}: {_one_line(e)})") from None
     except (*_transport_errors(), OSError, ValueError) as e:  # no network, a file missing after the download, ...
@@ -174,6 +184,23 @@ def _download_hub(repo_id: str, revision: str | None, label: str) -> tuple[str, 
             "set HF_HUB_OFFLINE=1 with the complete repo in the Hugging Face cache"
         ) from None
     return folder, os.path.basename(folder.rstrip("/"))
+
+
+def _remember_revision(snapshot: str, revision: str, commit: str) -> None:
+    """Record in the cache that `revision` (a branch or tag) is `commit`, as huggingface_hub does when it downloads
+    by name: files fetched by commit leave no `refs/<revision>`, and the next run, offline, would not find them."""
+    repo_dir = os.path.dirname(os.path.dirname(os.path.normpath(snapshot)))  # .../models--org--name
+    try:
+        from huggingface_hub.file_download import _cache_commit_hash_for_specific_revision as remember
+    except ImportError:  # a huggingface_hub without it: the same file, written the same way
+        def remember(storage_folder: str, revision: str, commit_hash: str) -> None:
+            if revision != commit_hash:
+                ref = os.path.join(storage_folder, "refs", revision)
+                os.makedirs(os.path.dirname(ref), exist_ok=True)
+                with open(ref + ".tmp", "w") as f:
+                    f.write(commit_hash)
+                os.replace(ref + ".tmp", ref)
+    remember(repo_dir, revision, commit)
 
 
 def _transport_errors() -> tuple[type[Exception], ...]:

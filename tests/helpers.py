@@ -94,9 +94,10 @@ def copy_tree(src: str, dst: str) -> str:
     return dst
 
 
-def fake_hub_repo(cache: str, repo: str, folder: str, commit: str) -> str:
+def fake_hub_repo(cache: str, repo: str, folder: str, commit: str, ref: str | None = "main") -> str:
     """huggingface_hub's cache layout for `folder`: models--ORG--NAME/{blobs/<sha256>, refs/main, snapshots/<commit>/}
-    with every snapshot file a relative link `../../blobs/<sha256>`. Returns the snapshot folder."""
+    with every snapshot file a relative link `../../blobs/<sha256>`. Returns the snapshot folder. `ref` None writes
+    no refs/ file (as a download by commit hash leaves none)."""
     repo_dir = os.path.join(cache, "models--" + repo.replace("/", "--"))
     snap = os.path.join(repo_dir, "snapshots", commit)
     for sub in ("blobs", "refs", snap):
@@ -108,8 +109,9 @@ def fake_hub_repo(cache: str, repo: str, folder: str, commit: str) -> str:
         with open(os.path.join(repo_dir, "blobs", blob), "wb") as f:
             f.write(data)
         os.symlink(os.path.join("..", "..", "blobs", blob), os.path.join(snap, name))
-    with open(os.path.join(repo_dir, "refs", "main"), "w") as f:
-        f.write(commit)
+    if ref:
+        with open(os.path.join(repo_dir, "refs", ref), "w") as f:
+            f.write(commit)
     return snap
 
 

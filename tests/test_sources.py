@@ -220,7 +220,16 @@ class FakeHub:
         for name in names:
             if not os.path.lexists(os.path.join(snap, name)):
                 shutil.copy(os.path.join(self.remote, name), staging)
-        return fake_hub_repo(self.cache, "org/remote", staging, self.commit)
+        # As huggingface_hub downloads by commit: no refs/ entry; and (huggingface_hub >= 1) the repo's whole
+        # listing cached beside the snapshot, which then counts as "incomplete" for local_files_only lookups.
+        snap = fake_hub_repo(self.cache, "org/remote", staging, self.commit, ref=None)
+        try:
+            from huggingface_hub._tree_cache import TreeCacheEntry, write_tree_cache
+        except ImportError:
+            return snap
+        write_tree_cache(os.path.dirname(os.path.dirname(snap)), self.commit,
+                         {n: TreeCacheEntry(size=1, blob_id="b" * 40) for n in os.listdir(self.remote) + ["README.md"]})
+        return snap
 
     def hf_hub_download(self, repo_id, filename, revision=None, **_):
         self.downloads.append(("hf_hub_download", revision, [filename]))
@@ -346,3 +355,19 @@ def test_mutated_real_files_parse_or_raise_format_error(tmp_path, which, mutatio
         return
     for s in slots:
         assert 0 <= s.offset and s.offset + s.nbytes <= len(data)
+
+
+def test_a_downloaded_repo_opens_again_offline(pair, tmp_path, monkeypatch):
+    """What a download leaves in the cache is found by the next run with HF_HUB_OFFLINE=1: by branch name (the
+    ref expo records) and by commit, although the repo holds files expo never fetched (README.md)."""
+    from huggingface_hub import constants
+
+    hub = FakeHub(monkeypatch, tmp_path, pair.aligned)
+    online = open_checkpoint("org/remote")
+    assert online.revision == hub.commit and hub.downloads
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    hub.downloads.clear()
+    for source in ("org/remote", "org/remote@main", f"org/remote@{hub.commit}"):
+        again = open_checkpoint(source)
+        assert again.revision == hub.commit and set(again.tensors) == set(online.tensors), source
+    assert hub.downloads == []
