@@ -390,6 +390,7 @@ class Progress:
         self.bar = None
         self.total = self.done = 0
         self.tty = False
+        self.began = self.last = time.monotonic()  # set again by start()
 
     def start(self, plan: Plan, outputs: int = 0) -> None:
         """`outputs`: the number of alphas of a sweep (0: a single run)."""

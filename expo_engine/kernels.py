@@ -354,7 +354,8 @@ def error_counts(out: torch.Tensor, sft: torch.Tensor, aligned: torch.Tensor, al
     """(worst steps, elements more than one step off) of `error_steps` over contiguous CPU tensors: one pass of the
     compiled checker where it handles the dtypes (no float64 copies), else torch ops in blocks."""
     names = [dtypes.NAME.get(t.dtype) for t in (out, sft, aligned)]
-    if _NATIVE is not None and all(n in _CODES for n in names):
+    if (_NATIVE is not None and all(n in _CODES for n in names) and out.numel() == sft.numel() == aligned.numel()
+            and all(t.device.type == "cpu" and t.is_contiguous() for t in (out, sft, aligned))):
         res = (ctypes.c_double * 2)()
         if not _NATIVE.check(out.data_ptr(), _CODES[names[0]], sft.data_ptr(), _CODES[names[1]], aligned.data_ptr(),
                              _CODES[names[2]], out.numel(), alpha, res):

@@ -262,13 +262,24 @@ def _pyplot():
 def check_plotting(path: str) -> None:
     """Fail before any reading when --plot cannot be honoured: no matplotlib, or a format it cannot write."""
     plt = _pyplot()
-    formats = plt.figure().canvas.get_supported_filetypes()
-    plt.close("all")
-    ext = os.path.splitext(path)[1].lstrip(".").lower()
-    if ext not in formats:
-        what = f".{ext} files" if ext else "a file without an extension"
-        raise OptionError(f"--plot {path}: matplotlib cannot write {what}; end the name with one of "
-                          + ", ".join("." + f for f in sorted(formats)))
+    import io
+
+    fig = plt.figure(figsize=(1, 1))
+    try:
+        formats = fig.canvas.get_supported_filetypes()
+        ext = os.path.splitext(path)[1].lstrip(".").lower()
+        if ext not in formats:
+            what = f".{ext} files" if ext else "a file without an extension"
+            raise OptionError(f"--plot {path}: matplotlib cannot write {what}; end the name with one of "
+                              + ", ".join("." + f for f in sorted(formats)))
+        try:  # some formats need more than matplotlib (.pgf: a LaTeX install): try one before reading anything
+            fig.text(0.5, 0.5, "x")  # text is what needs LaTeX
+            fig.savefig(io.BytesIO(), format=ext)
+        except Exception as e:  # noqa: BLE001 - whatever the backend raises, it is one message for the user
+            raise OptionError(f"--plot {path}: matplotlib cannot write .{ext} here ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())}); use .png, .pdf or .svg") from None
+    finally:
+        plt.close(fig)
 
 
 def plot(reports: list[PairReport], path: str) -> None:

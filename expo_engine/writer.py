@@ -134,7 +134,7 @@ class Staging:
         self._made: list[str] = []
 
     def __enter__(self) -> Staging:
-        parent = os.path.dirname(self.dir)
+        parent = os.path.dirname(os.path.abspath(self.dir))
         while not os.path.lexists(parent):  # the folders this run creates, removed again if it fails
             self._made.append(parent)
             parent = os.path.dirname(parent)

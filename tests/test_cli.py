@@ -105,13 +105,15 @@ def test_plain_progress_log_waits_one_interval_then_shows_done_rate_and_eta(monk
 
 
 def test_extrapolate_plain_log(pair, tmp_path, capsys):
-    """Not a terminal: the plan, the executor, then one progress line at the end (a run well under 10 s)."""
+    """Not a terminal: the plan, the executor, then progress lines, the last one at the end (one only, unless a
+    busy machine makes this tiny run last over the 10 s interval)."""
     assert main(["extrapolate", "--sft", pair.sft, "--aligned", pair.aligned, "--alpha", "0.3",
                  "--out", str(tmp_path / "out"), "--chunk-mb", "0.001"]) == 0
     lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 3, lines
+    assert len(lines) >= 3, lines
     assert lines[0].startswith("planned ") and lines[1].startswith("executor: local (")
-    assert re.fullmatch(r"  (\S+ \S?B) of \1, \S+ \S?B/s, ETA 0 s", lines[2]), lines[2]
+    assert all(re.fullmatch(r"  \S+ \S?B of \S+ \S?B, \S+ \S?B/s, ETA \d+ s", line) for line in lines[2:]), lines
+    assert re.fullmatch(r"  (\S+ \S?B) of \1, \S+ \S?B/s, ETA 0 s", lines[-1]), lines[-1]
 
 
 class _Terminal(io.StringIO):

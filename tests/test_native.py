@@ -295,3 +295,11 @@ def test_checker_on_float32_midpoints_and_float16_subnormals(do):
         for i in range(a.numel()):
             one = kernels.error_counts(got[i:i + 1], s[i:i + 1], a[i:i + 1], 2.0**-10)
             assert one == (steps[i].item(), int(steps[i] > 1)), (i, got[i], s[i], a[i])
+
+
+def test_checker_takes_torch_ops_for_strided_views():
+    """A view with strides is not what the compiled checker's raw pointers assume: torch ops check it."""
+    s, a = _data(2000, torch.bfloat16, torch.bfloat16, 5)
+    out = _outputs_to_check(s, a, 0.3, torch.bfloat16, 5)[1]
+    steps = kernels.error_steps(out[::2], s[::2], a[::2], 0.3)
+    assert kernels.error_counts(out[::2], s[::2], a[::2], 0.3) == (steps.max().item(), int((steps > 1).sum()))

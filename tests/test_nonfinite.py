@@ -112,3 +112,12 @@ def test_a_failed_run_removes_the_folders_it_created(tmp_path, executor):
     with pytest.raises(NonFiniteError):
         extrapolate(sft, aligned, 1.0, str(out), executor=executor, workers=1)
     assert not (tmp_path / "new").exists()
+
+
+def test_a_relative_output_path_is_fine(tmp_path, monkeypatch):
+    """--out new/out relative to the working folder: its parent is made, and removed again on failure."""
+    sft, aligned = _overflowing(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(NonFiniteError):
+        extrapolate(sft, aligned, 1.0, "new/out")
+    assert not (tmp_path / "new").exists()
