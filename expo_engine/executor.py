@@ -15,6 +15,7 @@ plus `(2 + N) * depth` chunks.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -146,6 +147,23 @@ class _Buffers:
         self.aligned = np.empty(nbytes, dtype=np.uint8)
         self.outs = [np.empty(nbytes, dtype=np.uint8) for _ in range(max(1, outputs))]
         self.out = self.outs[0]
+
+
+@contextlib.contextmanager
+def read_ahead(n: int, read: Callable[[int], object]):
+    """Iterate over read(0), ..., read(n - 1), read(k + 1) running in a thread while the caller works on read(k)'s
+    result; `read` must alternate between two buffer sets. Leaving the block waits for the read in flight, so the
+    caller may close its files after it."""
+    with ThreadPoolExecutor(1, "expo-read-ahead") as reader:
+        def results():
+            pending = reader.submit(read, 0) if n else None
+            for k in range(n):
+                result = pending.result()
+                if k + 1 < n:
+                    pending = reader.submit(read, k + 1)
+                yield result
+
+        yield results()
 
 
 def input_paths(plan: Plan) -> list[str]:

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from . import dtypes, kernels
 from .errors import MismatchError, OptionError
-from .executor import _Buffers, _Inputs, direct_io
+from .executor import _Buffers, _Inputs, direct_io, read_ahead
 from .kernels import Stats
 from .plan import _untied_extras
 from .sources import Checkpoint, open_checkpoint
@@ -156,12 +155,8 @@ def compare(a: Checkpoint, b: Checkpoint, chunk_bytes: int = 64 * 2**20) -> Pair
         return inputs.read_bytes(bufs.sft, ta, start, stop), inputs.read_bytes(bufs.aligned, tb, start, stop)
 
     try:
-        with ThreadPoolExecutor(1, "expo-norms-read") as reader:
-            pending = reader.submit(read, 0) if work else None
-            for k, (name, ta, tb, _, _) in enumerate(work):
-                x, y = pending.result()
-                if k + 1 < len(work):
-                    pending = reader.submit(read, k + 1)
+        with read_ahead(len(work), read) as chunks:
+            for (name, ta, tb, _, _), (x, y) in zip(work, chunks, strict=True):
                 st = kernels.diff_stats_bytes(x, ta.dtype, y, tb.dtype)
                 if st is None:
                     import torch

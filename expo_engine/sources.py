@@ -189,18 +189,14 @@ def _download_hub(repo_id: str, revision: str | None, label: str) -> tuple[str, 
 def _remember_revision(snapshot: str, revision: str, commit: str) -> None:
     """Record in the cache that `revision` (a branch or tag) is `commit`, as huggingface_hub does when it downloads
     by name: files fetched by commit leave no `refs/<revision>`, and the next run, offline, would not find them."""
+    if revision == commit:
+        return  # found by its snapshots/<commit> folder
     repo_dir = os.path.dirname(os.path.dirname(os.path.normpath(snapshot)))  # .../models--org--name
-    try:
-        from huggingface_hub.file_download import _cache_commit_hash_for_specific_revision as remember
-    except ImportError:  # a huggingface_hub without it: the same file, written the same way
-        def remember(storage_folder: str, revision: str, commit_hash: str) -> None:
-            if revision != commit_hash:
-                ref = os.path.join(storage_folder, "refs", revision)
-                os.makedirs(os.path.dirname(ref), exist_ok=True)
-                with open(ref + ".tmp", "w") as f:
-                    f.write(commit_hash)
-                os.replace(ref + ".tmp", ref)
-    remember(repo_dir, revision, commit)
+    ref = os.path.join(repo_dir, "refs", revision)  # the cache's documented layout; a branch may hold a "/"
+    os.makedirs(os.path.dirname(ref), exist_ok=True)
+    with open(ref + ".expo-tmp", "w") as f:
+        f.write(commit)
+    os.replace(ref + ".expo-tmp", ref)  # atomic: a concurrent reader sees the old ref or the new one
 
 
 def _transport_errors() -> tuple[type[Exception], ...]:

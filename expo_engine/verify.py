@@ -19,12 +19,11 @@ import json
 import math
 import os
 import random
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from . import dtypes, kernels
 from .errors import FormatError, MismatchError, OptionError, SourceError
-from .executor import _Buffers, _Inputs, direct_io
+from .executor import _Buffers, _Inputs, direct_io, read_ahead
 from .plan import _shared_names, check_alpha
 from .sources import (
     SAFETENSORS_INDEX,
@@ -340,12 +339,8 @@ def _check_elements(slots, sft, aligned, alpha, sample, seed, chunk_bytes, probl
                 None if copied else inputs.read_into(bufs.sft, s, start, stop))
 
     try:
-        with ThreadPoolExecutor(1, "expo-verify-read") as reader:
-            pending = reader.submit(read, 0) if chunks else None
-            for k, (i, _, _) in enumerate(chunks):
-                got, want, s_vals = pending.result()
-                if k + 1 < len(chunks):
-                    pending = reader.submit(read, k + 1)
+        with read_ahead(len(chunks), read) as results:
+            for (i, _, _), (got, want, s_vals) in zip(chunks, results, strict=True):
                 o, s, a, copied = work[i]
                 if copied:
                     n = dtypes.itemsize(o.dtype)
