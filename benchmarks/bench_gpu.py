@@ -44,6 +44,7 @@ import bench_extrapolate  # noqa: E402  (the pair writer and the engine's revisi
 from expo_engine import ExpoError, dtypes, extrapolate, gpu, verify  # noqa: E402
 from expo_engine.api import provenance  # noqa: E402
 from expo_engine.executor import _Inputs, direct_io, input_paths, run_chunks  # noqa: E402
+from expo_engine.ownership import OutputLock  # noqa: E402
 from expo_engine.plan import make_plan  # noqa: E402
 from expo_engine.sources import open_checkpoint  # noqa: E402
 from expo_engine.writer import Staging, check_output_path, side_files  # noqa: E402
@@ -225,11 +226,11 @@ def run_e2e(sft: str, aligned: str, out: str, chunk_bytes: int, runner, discard:
         gpu._sums = timed
     try:
         if discard:
-            runner(plan, plan.chunks, inputs, lambda t, c, data: None, True, **kw)
+            runner(plan, plan.chunks, inputs, lambda t, c, data, chunk_stats: None, True, **kw)
         else:
             path = check_output_path(out, [sft_ck.path, aligned_ck.path], True)
-            with Staging(path, plan) as staging:
-                def write(t, c, data):
+            with OutputLock(path) as lock, Staging(path, plan, lock) as staging:
+                def write(t, c, data, chunk_stats):
                     staging.write(t.shard, t.offset + c.start * dtypes.itemsize(t.dtype), data)
 
                 runner(plan, plan.chunks, inputs, write, True, **kw)

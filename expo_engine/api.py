@@ -11,13 +11,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from . import __version__, dtypes
-from .distributed import DEFAULT_UNIT_BYTES
-from .errors import NonFiniteError, OptionError
+from .errors import Interrupted, NonFiniteError, OptionError
 from .executor import check_copies, execute_sweep, scan_nonfinite
 from .kernels import Stats, native_kernel
+from .ownership import OutputLock
 from .plan import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_MAX_SHARD_SIZE,
+    DEFAULT_UNIT_BYTES,
     Plan,
     check_alpha,
     check_alphas,
@@ -28,7 +29,7 @@ from .plan import (
 )
 from .rules import as_rules
 from .sources import Checkpoint, open_checkpoint
-from .writer import Staging, check_output_path, side_files
+from .writer import Staging, check_output_path, check_target, journal_key, side_files
 
 FORMULA = "theta_expo = theta_aligned + alpha * (theta_aligned - theta_sft)"
 
@@ -53,12 +54,14 @@ class Summary:
     executor_note: str = ""  # why that executor was chosen
     nodes: dict = field(default_factory=dict)  # Ray: node id -> {"host", "units", "bytes", "seconds"}
     phases: dict = field(default_factory=dict)  # seconds per phase
-    units: int = 0
-    resumed_units: int = 0
+    units: int = 0  # units of the plan: the steps of the resume journal (Ray: its tasks)
+    resumed_units: int = 0  # units already written by an earlier run that stopped, kept from its journal
+    bytes_read_now: int = 0  # input bytes this run read (less than bytes_read when it resumed)
     tree_peak_bytes: int = 0  # Ray: peak summed RSS of this process and its children (Ray's and the workers)
     warnings: list[str] = field(default_factory=list)  # e.g. NaN/Inf already in an input, carried through
     alpha_overrides: dict = field(default_factory=dict)  # {tensor: alpha} where an alpha rule changed `alpha`
     device: str = "cpu"  # where the arithmetic ran: "cpu", or "cuda:N (GPU name, kernel)" / "cuda (Ray GPUs)"
+    notes: list[str] = field(default_factory=list)  # what was settled beside the output (a stopped run's leftovers)
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,8 @@ class SweepSummary:
     seconds: float
     peak_rss_bytes: int
     warnings: list[str]
+    resumed_units: int = 0  # units every output had already written in an earlier run that stopped
+    units: int = 0
 
 
 def extrapolate(
@@ -96,6 +101,7 @@ def extrapolate(
     device: str = "auto",
     on_plan: Callable[[Plan], None] | None = None,
     on_executor: Callable[[str, str], None] | None = None,
+    on_notice: Callable[[str], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> Summary:
     """Build the ExPO model ``aligned + alpha * (aligned - sft)`` in the folder `out`.
@@ -133,7 +139,7 @@ def extrapolate(
     return _execute(job, started, stats=stats, executor=executor, workers=workers, ray_address=ray_address,
                     max_memory=max_memory, unit_bytes=unit_bytes, allow_nonfinite=allow_nonfinite,
                     on_plan=(lambda plans: on_plan(plans[0])) if on_plan else None, on_executor=on_executor,
-                    on_progress=on_progress, device=device)[0]
+                    on_notice=on_notice, on_progress=on_progress, device=device)[0]
 
 
 def extrapolate_sweep(
@@ -152,7 +158,9 @@ def extrapolate_sweep(
     allow_nonfinite: bool = False,
     device: str = "auto",
     on_plan: Callable[[tuple[Plan, ...]], None] | None = None,
+    unit_bytes: int = DEFAULT_UNIT_BYTES,
     on_executor: Callable[[str, str], None] | None = None,
+    on_notice: Callable[[str], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> SweepSummary:
     """Build one ExPO model per alpha of `alphas` from one read of the inputs: `out/alpha-0.1`, `out/alpha-0.2`, ...
@@ -178,16 +186,10 @@ def extrapolate_sweep(
     job = prepare(sft, aligned, alphas, out, sweep=True, alpha_rules=alpha_rules, dtype=dtype,
                   max_shard_size=max_shard_size, chunk_bytes=chunk_bytes, overwrite=overwrite)
     parent = os.path.dirname(job.outs[0])
-    made = not os.path.lexists(parent)
-    try:
-        runs = _execute(job, started, stats=stats, executor=executor, workers=None, ray_address=None,
-                        max_memory=None, unit_bytes=DEFAULT_UNIT_BYTES, allow_nonfinite=allow_nonfinite,
-                        on_plan=on_plan, on_executor=on_executor, on_progress=on_progress, device=device)
-    except BaseException:
-        if made:  # the parent folder this run created, now empty again: a failed sweep leaves nothing behind
-            with contextlib.suppress(OSError):
-                os.rmdir(parent)
-        raise
+    # A failed sweep leaves nothing behind: the output locks remove the parent folder again if they made it.
+    runs = _execute(job, started, stats=stats, executor=executor, workers=None, ray_address=None, max_memory=None,
+                    unit_bytes=unit_bytes, allow_nonfinite=allow_nonfinite, on_plan=on_plan,
+                    on_executor=on_executor, on_notice=on_notice, on_progress=on_progress, device=device)
     return SweepSummary(
         out=parent,
         alphas=[r.alpha for r in runs],
@@ -197,6 +199,8 @@ def extrapolate_sweep(
         seconds=time.monotonic() - started,
         peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         warnings=[w for r in runs for w in r.warnings],
+        resumed_units=min(r.resumed_units for r in runs),
+        units=runs[0].units,
     )
 
 
@@ -210,6 +214,7 @@ class Job:
     aligned: Checkpoint
     side: dict[str, bytes]  # config, tokenizer and other files copied from the aligned model
     sweep: bool
+    overwrite: bool = False
 
 
 def prepare(sft: str, aligned: str, alpha, out: str, *, sweep: bool = False, alpha_rules=None,
@@ -226,11 +231,11 @@ def prepare(sft: str, aligned: str, alpha, out: str, *, sweep: bool = False, alp
                             chunk_bytes=chunk_bytes, rules=rules) for a in alphas)
     check_copies(plans[0])
     side = side_files(aligned_ck, dtypes.CONFIG_NAMES[dtypes.CLI_NAMES[dtype.lower()]] if dtype else None)
-    return Job(plans, outs, sft_ck, aligned_ck, side, sweep)
+    return Job(plans, outs, sft_ck, aligned_ck, side, sweep, overwrite)
 
 
 def _execute(job: Job, started: float, *, stats, executor, workers, ray_address, max_memory, unit_bytes,
-             allow_nonfinite, on_plan, on_executor, on_progress, device="auto") -> list[Summary]:
+             allow_nonfinite, on_plan, on_executor, on_progress, on_notice=None, device="auto") -> list[Summary]:
     plans = job.plans
     plan = plans[0]
     kind, why = choose_executor(executor, plan, workers, ray_address, sweep=len(plans) if job.sweep else 0)
@@ -243,31 +248,62 @@ def _execute(job: Job, started: float, *, stats, executor, workers, ray_address,
     if on_executor:
         on_executor(kind, why)
 
-    report = None
-    phases = {"plan": time.monotonic() - started}
-    if kind == "ray":
-        from .distributed import execute_ray, journal_key
+    notes: list[str] = []
 
-        units = make_units(plan, unit_bytes)
-        with Staging(job.outs[0], plan, journal_key(plan, units, stats)) as staging:
+    def say(note: str) -> None:
+        notes.append(note)
+        if on_notice:
+            on_notice(note)
+
+    report = done = None
+    phases = {"plan": time.monotonic() - started}
+    units = make_units(plan, unit_bytes)
+    with contextlib.ExitStack() as stack:
+        # Own every output before looking at anything beside it (a second run stops here, touching nothing);
+        # then check again what is at the output path: another run may have published there meanwhile.
+        locks = [stack.enter_context(OutputLock(o)) for o in job.outs]
+        for lock in locks:
+            check_target(lock.out, job.overwrite)
+            for note in lock.notes:
+                say(note)
+        if kind == "ray":
+            from .distributed import execute_ray
+
+            staging = stack.enter_context(Staging(job.outs[0], plan, locks[0],
+                                                  journal_key(plan, units, stats, "ray")))
+            if staging.note:
+                say(staging.note)
             found, report = execute_ray(plan, units, staging, workers=workers, address=ray_address,
                                         max_memory=budget, stats=stats, on_progress=on_progress,
                                         device="cuda" if device_name != "cpu" else "cpu")
-            warnings = [check_finite(plan, staging, found, allow_nonfinite)]
-            files = [_publish(staging, plan, job, found if stats else None, phases, device_name)]
-        phases = {"plan": phases["plan"], **report.phases, "hash+publish": phases["hash+publish"]}
-    else:
-        t = time.monotonic()
-        with contextlib.ExitStack() as stack:
-            stagings = [stack.enter_context(Staging(o, p)) for o, p in zip(job.outs, plans, strict=True)]
-            founds = execute_sweep(list(plans), stagings, on_progress, stats=stats, device=dev)
+            founds, stagings = [found], [staging]
+        else:
+            t = time.monotonic()
+            key = f"local {device_name}"
+            stagings = [stack.enter_context(Staging(o, p, lock, journal_key(p, units, stats, key)))
+                        for o, p, lock in zip(job.outs, plans, locks, strict=True)]
+            for staging in stagings:
+                if staging.note:
+                    say(staging.note)
+            try:
+                done = execute_sweep(list(plans), stagings, units, on_progress, stats=stats, device=dev)
+            except KeyboardInterrupt:
+                for staging in stagings:
+                    staging.keep = True
+                kept = min(len(st.journal_done()) for st in stagings)
+                where = stagings[0].dir if len(stagings) == 1 else f"{len(stagings)} staging folders"
+                raise Interrupted(f"interrupted; {kept} of {len(units)} units are kept in {where}; run the same "
+                                  "command again to resume") from None
+            founds = done.founds
             phases["compute"] = time.monotonic() - t
-            # Every output is checked before the first is published: a sweep publishes all of its outputs or none
-            # (short of a failure between the renames themselves).
-            warnings = [check_finite(p, st, f, allow_nonfinite) for p, st, f in zip(plans, stagings, founds,
-                                                                                    strict=True)]
-            files = [_publish(st, p, job, f if stats else None, phases, device_name)
-                     for p, st, f in zip(plans, stagings, founds, strict=True)]
+        # Every output is checked before the first is published: a sweep publishes all of its outputs or none
+        # (short of a failure between the renames themselves).
+        warnings = [check_finite(p, st, f, allow_nonfinite) for p, st, f in zip(plans, stagings, founds,
+                                                                                strict=True)]
+        files = [_publish(st, p, job, f if stats else None, phases, device_name)
+                 for p, st, f in zip(plans, stagings, founds, strict=True)]
+    if report:
+        phases = {"plan": phases["plan"], **report.phases, "hash+publish": phases["hash+publish"]}
     n_extra = sum(t.action == "extrapolate" for t in plan.tensors)
     return [Summary(
         out=out_path,
@@ -286,12 +322,14 @@ def _execute(job: Job, started: float, *, stats, executor, workers, ray_address,
         executor_note=why,
         nodes=report.nodes if report else {},
         phases=phases,
-        units=report.units if report else 0,
-        resumed_units=report.resumed if report else 0,
+        units=len(units),
+        resumed_units=report.resumed if report else done.resumed_units,
+        bytes_read_now=p.bytes_read if report else done.bytes_read,
         tree_peak_bytes=report.tree_peak if report else 0,
         warnings=w,
         alpha_overrides=p.alpha_overrides,
         device=device_name,
+        notes=notes,
     ) for out_path, p, fs, w in zip(job.outs, plans, files, warnings, strict=True)]
 
 

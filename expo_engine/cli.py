@@ -12,8 +12,7 @@ import time
 
 from . import __version__
 from .api import FORMULA, Job, Summary, SweepSummary, choose_executor, extrapolate, extrapolate_sweep, prepare
-from .distributed import Interrupted
-from .errors import ExpoError, OptionError, OutputError
+from .errors import ExpoError, Interrupted, OptionError, OutputError
 from .plan import DEFAULT_MAX_SHARD_SIZE, Plan, parse_alphas
 
 
@@ -95,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--max-memory", metavar="SIZE", help="Ray: memory for tasks in flight per node, like 4GB "
                                                         "(default: half the available memory, at most 4 GiB)")
     x.add_argument("--unit-mb", type=_positive, default=256.0, metavar="N",
-                   help="Ray: output bytes per task and per journal entry, in MiB (default %(default)g)")
+                   help="output bytes per journal entry (the most a resumed run redoes) and per Ray task, in MiB "
+                        "(default %(default)g)")
     x.add_argument("--device", default="auto", metavar="cpu|cuda|cuda:N|auto",
                    help="where the arithmetic runs (default auto: cuda when this machine sees a GPU); on Ray, cuda "
                         "gives each task one GPU. Reading and writing stay on the host")
@@ -208,14 +208,14 @@ def _run_extrapolate(args) -> int:
     common = dict(alpha_rules=rules, dtype=args.dtype, max_shard_size=args.max_shard_size, chunk_bytes=chunk_bytes,
                   overwrite=args.overwrite, stats=args.stats, executor=args.executor,
                   allow_nonfinite=args.allow_nonfinite, device=args.device, on_executor=_say_executor,
-                  on_progress=progress.advance)
+                  on_notice=_say_notice, on_progress=progress.advance, unit_bytes=max(1, int(args.unit_mb * 2**20)))
     if sweep:
         summary = extrapolate_sweep(args.sft, args.aligned, args.alpha, args.out,
                                     on_plan=lambda plans: progress.start(plans[0], len(plans)), **common)
     else:
         summary = extrapolate(args.sft, args.aligned, args.alpha, args.out, workers=args.workers,
-                              ray_address=args.ray_address, max_memory=args.max_memory,
-                              unit_bytes=max(1, int(args.unit_mb * 2**20)), on_plan=progress.start, **common)
+                              ray_address=args.ray_address, max_memory=args.max_memory, on_plan=progress.start,
+                              **common)
     progress.close()
     for w in summary.warnings:
         print(f"expo: warning: {w}", file=sys.stderr)
@@ -326,7 +326,7 @@ def describe(s: Summary) -> str:
         f"  read {human(s.bytes_read)}, wrote {human(s.bytes_written)} in {s.seconds:.1f} s "
         f"({human(rate)}/s); peak RSS {s.peak_rss_bytes / 2**20:.0f} MiB"
         + (f"; whole process tree {s.tree_peak_bytes / 2**20:.0f} MiB" if s.tree_peak_bytes else "")
-        + _describe_ray(s)
+        + (_describe_ray(s) or _describe_resume(s.resumed_units, s.units))
     )
 
 
@@ -339,7 +339,8 @@ def describe_sweep(s: SweepSummary) -> str:
     lines.append(f"  each: {first.tensors} tensors ({first.extrapolated} extrapolated, {first.copied} copied) in "
                  f"{first.shards} shard(s), dtype {', '.join(first.dtypes) or '-'}")
     lines.append(f"  read {human(s.bytes_read)}, wrote {human(s.bytes_written)} in {s.seconds:.1f} s "
-                 f"({human(rate)}/s); peak RSS {s.peak_rss_bytes / 2**20:.0f} MiB")
+                 f"({human(rate)}/s); peak RSS {s.peak_rss_bytes / 2**20:.0f} MiB"
+                 + _describe_resume(s.resumed_units, s.units))
     return "\n".join(lines)
 
 
@@ -370,6 +371,15 @@ def alpha_table(job: Job) -> str:
 
 def _say_executor(kind: str, why: str) -> None:
     print(f"executor: {kind} ({why})", file=sys.stderr)
+
+
+def _say_notice(note: str) -> None:
+    print(f"expo: {note}", file=sys.stderr)
+
+
+def _describe_resume(resumed: int, units: int) -> str:
+    return (f"\n  resumed: {resumed} of {units} units were already written by the run that stopped; only the rest was "
+            "read and computed" if resumed else "")
 
 
 def _describe_ray(s: Summary) -> str:

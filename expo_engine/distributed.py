@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import signal
 import socket
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from . import dtypes, kernels
-from .errors import ExpoError, OptionError, OutputError, SourceError
-from .executor import DEPTH, _Inputs, direct_io, input_paths, run_chunks
+from .errors import ExpoError, Interrupted, OptionError, OutputError, SourceError
+from .executor import DEPTH, _Inputs, direct_io, input_paths, merge_stats, run_chunks, stats_as_record
 from .plan import Chunk, Plan, TensorPlan, Unit
 from .writer import Staging, _pwrite_all
 
@@ -31,13 +30,6 @@ FAULT_KILL = "EXPO_FAULT_KILL_UNIT"  # test switch: the worker running this unit
 FAULT_STOP = "EXPO_FAULT_STOP_AFTER"  # test switch: the driver stops, as if interrupted, after this many units
 FAULT_DELAY = "EXPO_FAULT_DELAY_S"  # test switch: every task sleeps this long before computing
 WORKER_BASE = 400 * 2**20  # a worker process with torch imported, before any chunk buffer
-DEFAULT_UNIT_BYTES = 256 * 2**20
-
-
-class Interrupted(ExpoError):
-    """The run stopped early; the staging folder and its journal are kept so that a rerun resumes."""
-
-    exit_code = 130
 
 
 @dataclass
@@ -188,7 +180,7 @@ def run_unit(plan: Plan, unit: Unit, staging_dir: str, stats: bool, expect: str 
         chunks = plan.chunks[unit.first:unit.last]
         h = hashlib.sha256()
 
-        def write(t: TensorPlan, c: Chunk, data: memoryview) -> None:
+        def write(t: TensorPlan, c: Chunk, data: memoryview, _chunk_stats=None) -> None:
             offset = t.offset + c.start * dtypes.itemsize(t.dtype)
             _pwrite_all(fd, data, offset)
             os.posix_fadvise(fd, offset, len(data), os.POSIX_FADV_DONTNEED)  # start writeback now
@@ -212,7 +204,7 @@ def run_unit(plan: Plan, unit: Unit, staging_dir: str, stats: bool, expect: str 
         os.close(fd)
     return {"index": unit.index, "sha256": h.hexdigest(), "skipped": False, "node": node,
             "host": socket.gethostname(), "bytes": unit.stop - unit.start, "seconds": time.monotonic() - started,
-            "stats": {name: [asdict(d), asdict(u)] for name, (d, u) in found.items()}}
+            "stats": stats_as_record(found)}
 
 
 def _hash_range(fd: int, start: int, stop: int) -> str:
@@ -298,7 +290,7 @@ def execute_ray(plan: Plan, units: tuple[Unit, ...], staging: Staging, *, worker
                         report.resumed += 1
                     else:
                         staging.journal_add({k: r[k] for k in ("index", "sha256", "bytes", "stats")})
-                    _merge(found, r["stats"])
+                    merge_stats(found, r["stats"])
                     node = report.nodes.setdefault(r["node"], {"host": r["host"], "units": 0, "bytes": 0,
                                                                "seconds": 0.0})
                     node["units"] += 1
@@ -334,19 +326,3 @@ def execute_ray(plan: Plan, units: tuple[Unit, ...], staging: Staging, *, worker
             ray.shutdown()
         report.tree_peak = memory.stop()
     return found, report
-
-
-def _merge(found: dict, stats: dict | None) -> None:
-    for name, (d, u) in (stats or {}).items():
-        kernels.add_stats(found, name, kernels.Stats(**d), kernels.Stats(**u))
-
-
-def journal_key(plan: Plan, units: tuple[Unit, ...], stats: bool) -> str:
-    """What a journal must match to be resumed: the exact output layout, alpha (and every tensor's, under alpha
-    rules), the units, the inputs as they are now (path, size, mtime), and whether statistics are computed."""
-    inputs = sorted(set(input_paths(plan)))
-    ident = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in inputs]
-    blob = json.dumps([plan.alpha, plan.alpha_overrides, plan.chunk_bytes, stats,
-                       [(s.filename, hashlib.sha256(s.header).hexdigest(), s.size) for s in plan.shards],
-                       [(u.shard, u.start, u.stop, u.first, u.last) for u in units], ident])
-    return hashlib.sha256(blob.encode()).hexdigest()

@@ -37,3 +37,10 @@ class InputChangedError(ExpoError):
 
 class NonFiniteError(ExpoError):
     """The formula produced NaN or Inf from finite inputs (alpha too large for the output dtype's range)."""
+
+
+class Interrupted(ExpoError):
+    """The run stopped early (Ctrl-C, SIGTERM); the staging folder and its journal are kept so that a rerun of the
+    same command resumes."""
+
+    exit_code = 130

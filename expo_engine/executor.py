@@ -19,16 +19,16 @@ import contextlib
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import dtypes, kernels
 from .errors import InputChangedError, MismatchError
-from .plan import Chunk, Plan, TensorPlan
+from .plan import Chunk, Plan, TensorPlan, Unit
 from .sources import TensorSlot
-from .writer import ALIGN, Staging, direct_io  # noqa: F401 - direct_io is used by the other executors
+from .writer import ALIGN, Staging, direct_io, fault_point
 
 if TYPE_CHECKING:
     import torch
@@ -256,46 +256,131 @@ def scan_nonfinite(plan: Plan, staging_dir: str, names: list[str]) -> list[NonFi
     return [r for r in found.values() if r.produced or r.in_sft or r.in_aligned]
 
 
-def execute(plan: Plan, staging: Staging, on_progress: Callable[[int], None] | None = None,
-            stats: bool = True, device=None) -> dict[str, tuple[kernels.Stats, kernels.Stats]]:
-    """Compute every chunk of `plan` and write it into `staging`. Raises InputChangedError if an input moved.
+@dataclass
+class Done:
+    """What an in-process run did: the statistics of each output, and how much of the plan an earlier run that
+    stopped had already written (kept from its journal, not read or computed again)."""
 
-    With `stats`, the fused kernel also returns, per extrapolated tensor, the statistics of the change
-    (aligned - sft) and of the applied update (out - aligned), from the same pass over the data. With a CUDA
-    `device` (a torch.device) the arithmetic runs there (gpu.run_chunks_cuda); reading and writing stay here.
+    founds: list[dict[str, tuple[kernels.Stats, kernels.Stats]]]
+    units: int
+    resumed_units: int = 0
+    resumed_bytes: int = 0  # output bytes (per output) kept from the earlier run
+    bytes_read: int = 0  # input bytes this run read
+
+
+def execute_sweep(plans: list[Plan], stagings: list[Staging], units: tuple[Unit, ...],
+                  on_progress: Callable[[int], None] | None = None, stats: bool = True, device=None) -> Done:
+    """Compute every chunk of the plans and write plans[j] into stagings[j], from one read of the inputs (an alpha
+    sweep: the plans differ only in their alphas; one plan for a single run). Raises InputChangedError if an
+    input moved.
+
+    Every finished unit of `units` is journaled in each staging folder once its bytes are on disk; units that a
+    resumed staging folder (of every output) already journaled, counted from each shard's start, are kept and
+    only the rest is read, computed and written. With `stats`, the fused kernel also returns, per extrapolated
+    tensor, the statistics of the change (aligned - sft) and of the applied update (out - aligned), from the same
+    pass over the data. With a CUDA `device` (a torch.device) the arithmetic runs there (gpu.run_chunks_cuda);
+    reading and writing stay here.
     """
-    return execute_sweep([plan], [staging], on_progress, stats, device)[0]
-
-
-def execute_sweep(plans: list[Plan], stagings: list[Staging], on_progress: Callable[[int], None] | None = None,
-                  stats: bool = True, device=None) -> list[dict[str, tuple[kernels.Stats, kernels.Stats]]]:
-    """`execute` for several outputs of one layout (an alpha sweep: the plans differ only in their alphas), from
-    one read of the inputs: plans[j] is written into stagings[j]. Returns the statistics of each output."""
     check_same_layout(plans)
+    plan = plans[0]
+    kept = kept_units(units, stagings)
+    founds: list[dict[str, tuple[kernels.Stats, kernels.Stats]]] = [{} for _ in plans]
+    for staging, found in zip(stagings, founds, strict=True):
+        records = staging.journal_done()
+        for u in units:
+            if u.index in kept:
+                merge_stats(found, records[u.index]["stats"])
+                staging.resume_at(u.shard, u.stop)  # units of a shard are kept from its start, in order
+        staging.direct_writes()
+    todo = [u for u in units if u.index not in kept]
+    chunks = [plan.chunks[k] for u in todo for k in range(u.first, u.last)]
+    position = {c: k for k, c in enumerate(plan.chunks)}
 
-    def writer(staging: Staging):
-        def write(t: TensorPlan, c: Chunk, data: memoryview) -> None:
+    def writer(staging: Staging, first: bool):
+        journal = _UnitJournal(staging, plan, todo)
+
+        def write(t: TensorPlan, c: Chunk, data: memoryview, chunk_stats) -> None:
             staging.write(t.shard, t.offset + c.start * dtypes.itemsize(t.dtype), data)
+            journal.written(t, c, chunk_stats)
             if on_progress:
                 on_progress(len(data))
+            if first:
+                fault_point(f"chunk:{position[c]}")
         return write
 
-    inputs = _Inputs(input_paths(plans[0]), direct=direct_io())
+    writes = [writer(s, j == 0) for j, s in enumerate(stagings)]
+    inputs = _Inputs(input_paths(plan), direct=direct_io())
     try:
         if device is not None and device.type == "cuda":
             if len(plans) > 1:
                 raise ValueError("the CUDA path runs one alpha at a time")
             from .gpu import run_chunks_cuda  # here: gpu imports this module
 
-            founds = [run_chunks_cuda(plans[0], plans[0].chunks, inputs, writer(stagings[0]), stats, device=device)]
+            new = [run_chunks_cuda(plan, chunks, inputs, writes[0], stats, device=device)]
         else:
-            founds = run_sweep_chunks(plans, plans[0].chunks, inputs, [writer(s) for s in stagings], stats)
+            new = run_sweep_chunks(plans, chunks, inputs, writes, stats)
         for staging in stagings:
             staging.flush()
         inputs.check_unchanged()
     finally:
         inputs.close()
-    return founds
+    for found, more in zip(founds, new, strict=True):
+        for name, (d, u) in more.items():
+            kernels.add_stats(found, name, d, u)
+    kept_units_ = [u for u in units if u.index in kept]
+    return Done(founds, len(units), len(kept_units_), sum(u.stop - u.start for u in kept_units_),
+                sum(chunk_input_bytes(plan, c) for c in chunks))
+
+
+def kept_units(units: tuple[Unit, ...], stagings: list[Staging]) -> set[int]:
+    """The units an earlier run finished in every staging folder, per shard from its first unit up to the first
+    one missing (the shard's running checksum continues from there)."""
+    if not units or not all(st.resumed for st in stagings):
+        return set()
+    journaled = set.intersection(*(set(st.journal_done()) for st in stagings))
+    kept, broken = set(), set()
+    for u in units:
+        if u.shard in broken or u.index not in journaled:
+            broken.add(u.shard)
+        else:
+            kept.add(u.index)
+    return kept
+
+
+def chunk_input_bytes(plan: Plan, c: Chunk) -> int:
+    t = plan.tensors[c.tensor]
+    n = c.stop - c.start
+    return n * dtypes.itemsize(t.aligned.dtype) + (n * dtypes.itemsize(t.sft.dtype) if t.action == "extrapolate"
+                                                   else 0)
+
+
+def merge_stats(found: dict, stats: dict | None) -> None:
+    """Add a journal record's statistics ({name: [delta, update] as dicts}) into `found`."""
+    for name, (d, u) in (stats or {}).items():
+        kernels.add_stats(found, name, kernels.Stats(**d), kernels.Stats(**u))
+
+
+def stats_as_record(found: dict) -> dict:
+    return {name: [asdict(d), asdict(u)] for name, (d, u) in found.items()}
+
+
+class _UnitJournal:
+    """Collects, on the writer thread, the statistics of the unit being written, and hands each finished unit to
+    the staging folder's journal."""
+
+    def __init__(self, staging: Staging, plan: Plan, units: list[Unit]):
+        self.staging = staging
+        self.ends = {plan.chunks[u.last - 1]: u for u in units}
+        self.found: dict[str, tuple[kernels.Stats, kernels.Stats]] = {}
+
+    def written(self, t: TensorPlan, c: Chunk, chunk_stats) -> None:
+        if chunk_stats is not None:
+            kernels.add_stats(self.found, t.name, *(replace(st) for st in chunk_stats))
+        u = self.ends.get(c)
+        if u is not None:
+            self.staging.unit_written(u, {"index": u.index, "bytes": u.stop - u.start,
+                                          "stats": stats_as_record(self.found)})
+            self.found = {}
 
 
 def check_same_layout(plans: list[Plan]) -> None:
@@ -308,10 +393,11 @@ def check_same_layout(plans: list[Plan]) -> None:
             raise ValueError("the plans of a sweep must differ only in their alphas")
 
 
-def run_chunks(plan: Plan, chunks, inputs: _Inputs, write: Callable[[TensorPlan, Chunk, memoryview], None],
-               stats: bool = True) -> dict[str, tuple[kernels.Stats, kernels.Stats]]:
-    """Read, compute and write `chunks` (of `plan`) with the three stages overlapped; `write` runs on one thread,
-    in chunk order. Returns the fused statistics per tensor (partial sums over these chunks only)."""
+def run_chunks(plan: Plan, chunks, inputs: _Inputs, write: Callable, stats: bool = True
+               ) -> dict[str, tuple[kernels.Stats, kernels.Stats]]:
+    """Read, compute and write `chunks` (of `plan`) with the three stages overlapped; `write(tensor, chunk, bytes,
+    chunk_stats)` runs on one thread, in chunk order (chunk_stats: the chunk's (delta, update) statistics, None
+    for a copied tensor). Returns the fused statistics per tensor (partial sums over these chunks only)."""
     return run_sweep_chunks([plan], chunks, inputs, [write], stats)[0]
 
 
@@ -342,9 +428,9 @@ def _needs_torch(t: TensorPlan, stats: bool) -> bool:
     return t.action == "extrapolate" and not kernels.native_handles(t.dtype, t.sft.dtype, t.aligned.dtype, stats)
 
 
-def _write_outputs(writes: list[Callable], ts: list[TensorPlan], c: Chunk, outs: list[np.ndarray]) -> None:
-    for write, t, out in zip(writes, ts, outs, strict=True):
-        write(t, c, memoryview(out))
+def _write_outputs(writes: list[Callable], ts: list[TensorPlan], c: Chunk, outs: list) -> None:
+    for write, t, (out, chunk_stats) in zip(writes, ts, outs, strict=True):
+        write(t, c, memoryview(out), chunk_stats)
 
 
 def _pipeline(plans, chunks, inputs, writes, stats, founds, sets):
@@ -387,11 +473,12 @@ def _read(inputs: _Inputs, t: TensorPlan, c: Chunk, bufs: _Buffers):
 
 
 def _compute(t: TensorPlan, s: np.ndarray | None, a: np.ndarray, out_buf: np.ndarray, in_place: bool,
-             found: dict, stats: bool, pool: ThreadPoolExecutor) -> np.ndarray:
+             found: dict, stats: bool, pool: ThreadPoolExecutor) -> tuple[np.ndarray, tuple | None]:
     """One output of one chunk (uint8 arrays of its elements), with the tensor's alpha: over the aligned buffer
-    when `in_place` allows and the dtypes agree, else into `out_buf`."""
+    when `in_place` allows and the dtypes agree, else into `out_buf`. Adds the chunk's statistics to `found` and
+    returns them too ((delta, update) of this chunk; None for a copy)."""
     if t.action == "copy":
-        return a
+        return a, None
     so, ss, sa = (dtypes.itemsize(d) for d in (t.dtype, t.sft.dtype, t.aligned.dtype))
     n = len(a) // sa
     out = a if in_place and t.aligned.dtype == t.dtype else out_buf[: n * so]
@@ -400,6 +487,9 @@ def _compute(t: TensorPlan, s: np.ndarray | None, a: np.ndarray, out_buf: np.nda
     parts = [pool.submit(kernels.extrapolate_bytes, out[i * so:(i + step) * so], t.dtype, s[i * ss:(i + step) * ss],
                          t.sft.dtype, a[i * sa:(i + step) * sa], t.aligned.dtype, t.alpha, stats)
              for i in range(0, n, step)]
+    piece: dict[str, tuple[kernels.Stats, kernels.Stats]] = {}
     for p in parts:
-        kernels.add_stats(found, t.name, *p.result())
-    return out
+        kernels.add_stats(piece, t.name, *p.result())
+    delta, update = piece.get(t.name) or (kernels.Stats(), kernels.Stats())
+    kernels.add_stats(found, t.name, replace(delta), replace(update))
+    return out, (delta, update)

@@ -21,6 +21,7 @@ slow, for tests).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import os
@@ -397,12 +398,14 @@ def _pipeline(plan, chunks, inputs, write, stats, kernel, found, hosts, devs, st
         def finish(t: TensorPlan, c: Chunk, out: torch.Tensor, done, sums: torch.Tensor | None) -> None:
             if done is not None:
                 done.synchronize()
+            chunk_stats = None
             if sums is not None:
                 delta, update = _to_stats(c.stop - c.start, sums.tolist())
                 if not stats:  # as run_chunks: only the count, and whether the output may hold NaN or Inf
                     delta, update = kernels.Stats(delta.n), kernels.Stats(update.n, finite=update.finite)
-                kernels.add_stats(found, t.name, delta, update)
-            write(t, c, memoryview(out.view(torch.uint8).numpy()))
+                chunk_stats = (delta, update)
+                kernels.add_stats(found, t.name, dataclasses.replace(delta), dataclasses.replace(update))
+            write(t, c, memoryview(out.view(torch.uint8).numpy()), chunk_stats)
 
         writes = {}
         pending = reader.submit(read, 0) if chunks else None

@@ -22,6 +22,7 @@ SHARD_PATTERN = "model{suffix}.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 DEFAULT_MAX_SHARD_SIZE = "5GB"
+DEFAULT_UNIT_BYTES = 256 * 2**20  # output bytes per journal entry (and per Ray task)
 
 
 @dataclass(frozen=True)

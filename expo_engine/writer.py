@@ -17,7 +17,8 @@ import shutil
 import threading
 
 from .errors import FormatError, OutputError
-from .plan import INDEX_NAME, Plan
+from .ownership import OutputLock, old_path, require_owner, staging_path, temp_paths
+from .plan import INDEX_NAME, Plan, Unit
 from .sources import SIDE_FILE_PATTERNS, Checkpoint
 
 PROVENANCE_NAME = "expo.json"
@@ -45,17 +46,6 @@ def _bounce_buffer(nbytes: int) -> mmap.mmap:
     return buf
 
 
-def staging_path(out: str) -> str:
-    parent, name = os.path.split(out)
-    return os.path.join(parent, f".{name}.expo-staging")
-
-
-def old_path(out: str) -> str:
-    """Where a replaced output waits, during --overwrite, until the new one is in place."""
-    parent, name = os.path.split(out)
-    return os.path.join(parent, f".{name}.expo-old")
-
-
 def _within(path: str, folder: str) -> bool:
     return os.path.commonpath([path, folder]) == folder
 
@@ -74,10 +64,35 @@ def check_output_path(out: str, inputs: list[str], overwrite: bool) -> str:
             raise OutputError(f"output {out} is inside the input checkpoint {src}; choose a folder outside it")
         if _within(src, real):
             raise OutputError(f"output {out} contains the input checkpoint {src}; choose another folder")
-        for temp in (staging_path(real), old_path(real)):
+        for temp in temp_paths(real):
             if _within(src, temp) or _within(temp, src):
                 raise OutputError(f"output {out} needs {temp} beside it as a temporary folder, but the input "
                                   f"checkpoint {src} is there; choose another output name")
+    check_target(out_abs, overwrite, out)
+    probe = os.path.dirname(out_abs)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot create {out}: {probe} is not a writable folder")
+    return out_abs
+
+
+def journal_key(plan: Plan, units: tuple[Unit, ...], stats: bool, executor: str) -> str:
+    """What a journal must match to be resumed: the exact output layout, alpha (and every tensor's, under alpha
+    rules), the units, the inputs as they are now (path, size, mtime), whether statistics are computed, and the
+    executor that journals ("local" records no per-unit checksum; Ray's do)."""
+    inputs = sorted({slot.file for t in plan.tensors for slot in (t.sft, t.aligned)})
+    ident = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in inputs]
+    blob = json.dumps([plan.alpha, plan.alpha_overrides, plan.chunk_bytes, stats, executor,
+                       [(s.filename, hashlib.sha256(s.header).hexdigest(), s.size) for s in plan.shards],
+                       [(u.shard, u.start, u.stop, u.first, u.last) for u in units], ident])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def check_target(out_abs: str, overwrite: bool, shown: str | None = None) -> None:
+    """What is at the output path may be replaced: nothing, an empty folder, or (with `overwrite`) a folder.
+    Checked when planning and again once the run owns the output (another run may have published meanwhile)."""
+    out = shown or out_abs
     if os.path.lexists(out_abs):
         if os.path.islink(out_abs):
             raise OutputError(f"output {out} is a symbolic link; give a real folder path or remove the link")
@@ -85,12 +100,6 @@ def check_output_path(out: str, inputs: list[str], overwrite: bool) -> str:
             raise OutputError(f"output {out} exists and is not a folder; remove it or choose another path")
         if os.listdir(out_abs) and not overwrite:
             raise OutputError(f"output {out} exists and is not empty; pass --overwrite to replace it")
-    probe = os.path.dirname(out_abs)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot create {out}: {probe} is not a writable folder")
-    return out_abs
 
 
 def side_files(aligned: Checkpoint, config_dtype: str | None) -> dict[str, bytes]:
@@ -109,21 +118,24 @@ def side_files(aligned: Checkpoint, config_dtype: str | None) -> dict[str, bytes
 
 
 class Staging:
-    """The output under construction. Use as a context manager: leaving it with an exception removes it, unless
-    `keep` was set (an interrupted journaled run, kept for resume).
+    """The output under construction, in `.<name>.expo-staging` beside it. Use as a context manager while holding
+    the output's :class:`~expo_engine.ownership.OutputLock`: leaving it with an exception removes it, unless
+    `keep` was set (an interrupted run, kept for resume).
 
-    With a `journal_key`, the staging folder keeps a journal of finished units (JOURNAL). A staging folder left by
-    an earlier run is reused only if its journal was written for the same key (same layout, alpha and inputs);
-    anything else left there is removed.
+    With a `journal_key`, the staging folder keeps a journal of finished units (JOURNAL_NAME). A staging folder
+    left by an earlier run (its lock free: that run is dead) is reused only if its journal was written for the
+    same key (same layout, alpha, inputs and executor); anything else left there is removed. `note` says which.
     """
 
-    def __init__(self, out: str, plan: Plan, journal_key: str | None = None):
+    def __init__(self, out: str, plan: Plan, lock: OutputLock, journal_key: str | None = None):
         self.out = out
         self.plan = plan
+        self.lock = lock
         self.dir = staging_path(out)
         self.journal_key = journal_key
         self.keep = False
         self.resumed = False
+        self.note = ""  # what was done with a staging folder left by an earlier run
         self._fds: dict[str, int] = {}
         self._hashes: dict[str, object] = {}
         self._next: dict[str, int] = {}  # the offset at which each shard's running hash continues
@@ -131,25 +143,23 @@ class Staging:
         # ALIGN boundary that wait for the rest of their block: {shard: (aligned offset, bytes)}
         self._direct: dict[str, int] = {}
         self._carry: dict[str, tuple[int, bytes]] = {}
-        self._made: list[str] = []
+        self._waiting: list[tuple[Unit, dict]] = []  # finished units not yet durable on disk (see unit_written)
 
     def __enter__(self) -> Staging:
-        parent = os.path.dirname(os.path.abspath(self.dir))
-        while not os.path.lexists(parent):  # the folders this run creates, removed again if it fails
-            self._made.append(parent)
-            parent = os.path.dirname(parent)
-        os.makedirs(os.path.dirname(self.dir), exist_ok=True)
+        require_owner(self.lock, self.out)  # whatever is at self.dir belongs to no live run
         if os.path.lexists(self.dir):
             if self.journal_key and self._journal_key_on_disk() == self.journal_key and all(
                     os.path.isfile(f := os.path.join(self.dir, s.filename)) and os.path.getsize(f) == s.size
                     for s in self.plan.shards):
                 self.resumed = True
-            else:  # left by a run that was killed, or planned differently: nothing in it can be trusted
+                self.note = f"resuming from {self.dir}, left by a run that stopped"
+            else:
                 shutil.rmtree(self.dir)
+                why = ("it was made for another alpha, layout, inputs or executor" if self._journal_key_on_disk()
+                       else "it has no journal to resume from")
+                self.note = f"removed {self.dir}, left by a run that stopped ({why})"
         if not self.resumed:
             os.mkdir(self.dir)
-            if self.journal_key:
-                self.journal_add({"key": self.journal_key})
         try:
             for shard in self.plan.shards:
                 flags = os.O_RDWR if self.resumed else os.O_RDWR | os.O_CREAT | os.O_EXCL
@@ -159,20 +169,35 @@ class Staging:
                 _pwrite_all(fd, shard.header, 0)
                 self._hashes[shard.filename] = hashlib.sha256(shard.header)
                 self._next[shard.filename] = len(shard.header)
-                if direct_io() and not self.journal_key:  # Ray units write with their own descriptors
-                    try:
-                        self._direct[shard.filename] = os.open(os.path.join(self.dir, shard.filename),
-                                                               os.O_WRONLY | os.O_DIRECT)
-                        start = len(shard.header) // ALIGN * ALIGN
-                        self._carry[shard.filename] = (start, shard.header[start:])
-                    except (OSError, AttributeError):
-                        pass  # a filesystem without O_DIRECT (tmpfs): page-cache writes
+            if self.journal_key and not self.resumed:  # after the space is reserved: a full disk fails there
+                self.journal_add({"key": self.journal_key})
         except BaseException:
             self.__exit__(None, None, None)
             shutil.rmtree(self.dir, ignore_errors=True)
-            self._remove_made()
             raise
         return self
+
+    def direct_writes(self) -> None:
+        """Write shards in plan order with O_DIRECT from here on, where the filesystem allows it (the in-process
+        executors; Ray units write with descriptors of their own)."""
+        if not direct_io():
+            return
+        for shard in self.plan.shards:
+            start = self._next[shard.filename] // ALIGN * ALIGN
+            try:
+                self._direct[shard.filename] = os.open(os.path.join(self.dir, shard.filename),
+                                                       os.O_WRONLY | os.O_DIRECT)
+            except (OSError, AttributeError):
+                return  # a filesystem without O_DIRECT (tmpfs): page-cache writes
+            tail = os.pread(self._fds[shard.filename], self._next[shard.filename] - start, start)
+            self._carry[shard.filename] = (start, tail)
+
+    def resume_at(self, shard: str, offset: int) -> None:
+        """Continue `shard` at `offset`: the bytes before it are kept from the earlier run (hashed again from disk, so
+        the shard's checksum is still computed on the fly for the rest). Call before direct_writes()."""
+        fd = self._fds[shard]
+        self._hashes[shard] = hash_fd(fd, offset)
+        self._next[shard] = offset
 
     def __exit__(self, exc_type, exc, tb) -> None:
         for fd in [*self._fds.values(), *self._direct.values()]:
@@ -181,14 +206,6 @@ class Staging:
         self._direct.clear()
         if exc_type is not None and not self.keep:
             shutil.rmtree(self.dir, ignore_errors=True)
-            self._remove_made()
-
-    def _remove_made(self) -> None:
-        for folder in self._made:  # deepest first; a folder something else has put files in stays
-            try:
-                os.rmdir(folder)
-            except OSError:
-                break
 
     # The journal: one JSON object per line, fsynced; the first holds the key. A torn last line (a kill during
     # the append) is ignored: that unit is simply done again.
@@ -214,12 +231,33 @@ class Staging:
         return {r["index"]: r for r in self._journal_lines()[1:] if isinstance(r, dict) and "index" in r}
 
     def journal_add(self, record: dict) -> None:
-        fd = os.open(os.path.join(self.dir, JOURNAL_NAME), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        path = os.path.join(self.dir, JOURNAL_NAME)
         try:
-            os.write(fd, (json.dumps(record, separators=(",", ":")) + "\n").encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, (json.dumps(record, separators=(",", ":")) + "\n").encode())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise write_error(e, path) from None
+
+    def unit_written(self, unit: Unit, record: dict) -> None:
+        """All of `unit` has been passed to write() (in plan order): journal it as soon as its bytes are durable.
+        Bytes up to the O_DIRECT carry are on disk after an fdatasync; the carry itself is written with the next
+        block, or at the shard's end, so a unit ending inside it is journaled with the next one."""
+        self._waiting.append((unit, record))
+        shard = unit.shard
+        size = next(s.size for s in self.plan.shards if s.filename == shard)
+        try:
+            if unit.stop == size:
+                self._flush_carry(shard)
+            os.fdatasync(self._fds[shard])
+        except OSError as e:
+            raise write_error(e, os.path.join(self.dir, shard)) from None
+        durable = self._carry[shard][0] if shard in self._direct else size
+        while self._waiting and self._waiting[0][0].stop <= durable:
+            self.journal_add(self._waiting.pop(0)[1])
 
     def write(self, shard: str, offset: int, data: memoryview) -> None:
         """Write `data` at `offset` of `shard`. Writes in plan order let the checksum be kept on the fly."""
@@ -303,18 +341,19 @@ class Staging:
             index = {"metadata": {"total_size": self.plan.total_size}, "weight_map": self.plan.weight_map}
             checksums[INDEX_NAME] = self._put(INDEX_NAME, (json.dumps(index, indent=2) + "\n").encode())
         checksums[CARD_NAME] = self._put(CARD_NAME, model_card(provenance).encode())
-        if os.path.exists(journal := os.path.join(self.dir, JOURNAL_NAME)):
-            os.remove(journal)  # the output holds only the model and its provenance
         provenance = {**provenance, "files": dict(sorted(checksums.items()))}
         self._put(PROVENANCE_NAME, (json.dumps(provenance, indent=2) + "\n").encode())
         _fsync_dir(self.dir)
+        fault_point("publish")
+        if os.path.exists(journal := os.path.join(self.dir, JOURNAL_NAME)):
+            os.remove(journal)  # the output holds only the model and its provenance
         self._publish()
         return provenance["files"]
 
     def _put(self, name: str, data: bytes) -> dict:
         path = os.path.join(self.dir, name)
         try:
-            with open(path, "xb") as f:
+            with open(path, "wb") as f:  # a resumed staging folder may hold it from the run that stopped
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
@@ -323,17 +362,28 @@ class Staging:
         return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
     def _publish(self) -> None:
+        require_owner(self.lock, self.out)
         parent = os.path.dirname(self.out)
         old = None
-        if os.path.isdir(self.out) and os.listdir(self.out):  # --overwrite was checked before staging began
-            old = old_path(self.out)
-            if os.path.lexists(old):
-                shutil.rmtree(old)
+        if os.path.isdir(self.out) and os.listdir(self.out):  # --overwrite was checked once the lock was held
+            old = old_path(self.out)  # the lock's recover() has settled any left by a dead run
             os.rename(self.out, old)
         os.rename(self.dir, self.out)  # replaces an empty folder, if one is there
         _fsync_dir(parent)
         if old:
             shutil.rmtree(old)
+
+
+FAULT_KILL_AT = "EXPO_FAULT_KILL_AT"  # test switch: "publish" or "chunk:K": this process SIGKILLs itself there
+
+
+def fault_point(where: str) -> None:
+    """Fault injection for the kill tests: this process dies of SIGKILL here (as under kill -9 or the OOM killer:
+    nothing runs after it) if FAULT_KILL_AT names `where`; otherwise nothing happens."""
+    if os.environ.get(FAULT_KILL_AT) == where:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def model_card(p: dict) -> str:
@@ -399,10 +449,11 @@ def _pwrite_all(fd: int, data, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
-def hash_fd(fd: int):
-    """sha256 of a whole open file, read in 16 MiB pieces."""
+def hash_fd(fd: int, stop: int | None = None):
+    """sha256 of an open file's first `stop` bytes (all of it by default), read in 16 MiB pieces."""
     h, offset = hashlib.sha256(), 0
-    while block := os.pread(fd, 16 << 20, offset):
+    while (stop is None or offset < stop) and (
+            block := os.pread(fd, 16 << 20 if stop is None else min(16 << 20, stop - offset), offset)):
         h.update(block)
         offset += len(block)
     return h

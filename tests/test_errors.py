@@ -154,7 +154,8 @@ def snapshot(root) -> dict[str, str]:
 def leftovers(out) -> list[str]:
     """The engine's temporary folders beside `out`, if any survived."""
     parent, name = os.path.split(os.path.abspath(out))
-    return [p for p in (f".{name}.expo-staging", f".{name}.expo-old") if os.path.lexists(os.path.join(parent, p))]
+    return [p for p in (f".{name}.expo-staging", f".{name}.expo-old", f".{name}.expo-lock")
+            if os.path.lexists(os.path.join(parent, p))]
 
 
 def assert_user_error(rc: int, err: str, *needles) -> str:

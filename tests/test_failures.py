@@ -65,10 +65,11 @@ def test_full_disk_after_the_shards(tmp_path):
     sft, aligned = make_pair(tmp_path / "in")
     need = _shard_bytes(sft, aligned)
     with tmpfs(tmp_path / "small", 1 << 20) as small:
-        # leave room for the shards (tmpfs counts whole pages) and less than one more page
+        # leave room for the shards and the output's lock file (tmpfs counts whole pages) and less than one more
+        # page
         filler = os.path.join(small, "filler")
         fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
-        os.posix_fallocate(fd, 0, _free(small) - -(-need // 4096) * 4096 - 100)
+        os.posix_fallocate(fd, 0, _free(small) - -(-need // 4096) * 4096 - 4096 - 100)
         os.close(fd)
         out = os.path.join(small, "out")
         with unchanged(tmp_path / "in", out), pytest.raises(OutputError, match="disk is full"):
@@ -117,11 +118,13 @@ def test_input_changing_mid_run_is_not_published(tmp_path, how):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_in_process_run_stopped_by_a_signal(tmp_path, sig):
     """SIGTERM or SIGINT of an in-process run: exit 130, one message, no traceback, nothing at the output path,
-    the staging folder removed (the in-process executor has no journal to resume from; see docs/safety.md)."""
+    the staging folder and its journal kept; the same command then resumes and finishes the job."""
+    from expo_engine.writer import staging_path
+
     sft, aligned = make_pair(tmp_path / "in")
     out = str(tmp_path / "out")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    with unchanged(tmp_path / "in", out):
+    with unchanged(tmp_path / "in"):
         proc = subprocess.Popen(
             [sys.executable, "-c", _SLOW_RUN, sft, aligned, out], env=env, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True)
@@ -129,9 +132,17 @@ def test_in_process_run_stopped_by_a_signal(tmp_path, sig):
         time.sleep(0.5)
         proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr
-    assert "Traceback" not in stderr
-    assert [x for x in stderr.splitlines() if x.startswith("expo: ")][-1].startswith("expo: interrupted"), stderr
+        assert proc.returncode == 130, stderr
+        assert "Traceback" not in stderr
+        last = [x for x in stderr.splitlines() if x.startswith("expo: ")][-1]
+        assert last.startswith("expo: interrupted;") and "run the same command again to resume" in last, stderr
+        assert not os.path.lexists(out) and os.path.isdir(staging_path(out))
+        again = subprocess.run([sys.executable, "-m", "expo_engine.cli", "extrapolate", "--sft", sft, "--aligned",
+                                aligned, "--alpha", "0.5", "--out", out, "--chunk-mb", "0.001", "--no-stats",
+                                "--unit-mb", "0.001"], env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert "resuming from" in again.stderr and "resumed:" in again.stdout, (again.stdout, again.stderr)
+    assert not leftovers(out)
 
 
 # The CLI, with a progress hook that sleeps, so that the run is still going when the signal comes.
@@ -151,5 +162,5 @@ import expo_engine.cli as cli
 cli.extrapolate = slow
 sft, aligned, out = sys.argv[1:4]
 sys.exit(cli.main(["extrapolate", "--sft", sft, "--aligned", aligned, "--alpha", "0.5", "--out", out,
-                   "--chunk-mb", "0.001", "--no-stats"]))
+                   "--chunk-mb", "0.001", "--no-stats", "--unit-mb", "0.001"]))
 """

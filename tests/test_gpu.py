@@ -134,7 +134,7 @@ def run_collect(sft: str, aligned: str, alpha: float, chunk_bytes: int, runner, 
     order = []
     index = {(c.tensor, c.start): k for k, c in enumerate(plan.chunks)}
 
-    def write(t, c, data):
+    def write(t, c, data, chunk_stats=None):
         offset = t.offset + c.start * dtypes.itemsize(t.dtype)
         shards[t.shard][offset:offset + len(data)] = bytes(data)
         order.append(index[(plan.tensors.index(t), c.start)])
@@ -358,7 +358,7 @@ def test_pipeline_surfaces_a_failed_write(disk_pair):
     plan = make_plan(open_checkpoint(sft), open_checkpoint(aligned), 0.3, chunk_bytes=1000)
     calls = []
 
-    def write(t, c, data):
+    def write(t, c, data, chunk_stats=None):
         calls.append(c)
         if len(calls) == 5:
             raise OSError("disk full")

@@ -259,13 +259,14 @@ def test_ray_units_use_each_tensors_alpha(pair, tmp_path):
     """The distributed executor's unit function (run here without a cluster) writes the same bytes as the
     in-process executor under rules."""
     from expo_engine.distributed import run_unit
+    from expo_engine.ownership import OutputLock
     from expo_engine.plan import make_units
     from expo_engine.writer import Staging
 
     rules = ["kind:embeddings=0", "mlp=x3"]
     plan = make_plan(open_checkpoint(pair.sft), open_checkpoint(pair.aligned), 0.3, max_shard_size="30KB",
                      chunk_bytes=2000, rules=rules)
-    with Staging(str(tmp_path / "ray"), plan) as staging:
+    with OutputLock(str(tmp_path / "ray")) as lock, Staging(str(tmp_path / "ray"), plan, lock) as staging:
         for unit in make_units(plan, 5000):
             run_unit(plan, unit, staging.dir, stats=False)
         shards = {s.filename: open(os.path.join(staging.dir, s.filename), "rb").read() for s in plan.shards}
