@@ -236,18 +236,6 @@ def prepare(sft: str, aligned: str, alpha, out: str, *, sweep: bool = False, alp
 
 def _execute(job: Job, started: float, *, stats, executor, workers, ray_address, max_memory, unit_bytes,
              allow_nonfinite, on_plan, on_executor, on_progress, on_notice=None, device="auto") -> list[Summary]:
-    plans = job.plans
-    plan = plans[0]
-    kind, why = choose_executor(executor, plan, workers, ray_address, sweep=len(plans) if job.sweep else 0)
-    dev, device_name = choose_device(device, kind, len(plans))
-    if device_name != "cpu":
-        why += f"; arithmetic on {device_name}"
-    budget = parse_size(max_memory) if max_memory is not None else None
-    if on_plan:
-        on_plan(plans)
-    if on_executor:
-        on_executor(kind, why)
-
     notes: list[str] = []
 
     def say(note: str) -> None:
@@ -255,17 +243,29 @@ def _execute(job: Job, started: float, *, stats, executor, workers, ray_address,
         if on_notice:
             on_notice(note)
 
-    report = done = None
-    phases = {"plan": time.monotonic() - started}
-    units = make_units(plan, unit_bytes)
+    # Own every output before anything else (a second run stops here, touching nothing), then check again what is
+    # at the output path: another run may have published there since it was planned.
     with contextlib.ExitStack() as stack:
-        # Own every output before looking at anything beside it (a second run stops here, touching nothing);
-        # then check again what is at the output path: another run may have published there meanwhile.
         locks = [stack.enter_context(OutputLock(o)) for o in job.outs]
         for lock in locks:
             check_target(lock.out, job.overwrite)
             for note in lock.notes:
                 say(note)
+        plans = job.plans
+        plan = plans[0]
+        kind, why = choose_executor(executor, plan, workers, ray_address, sweep=len(plans) if job.sweep else 0)
+        dev, device_name = choose_device(device, kind, len(plans))
+        if device_name != "cpu":
+            why += f"; arithmetic on {device_name}"
+        budget = parse_size(max_memory) if max_memory is not None else None
+        if on_plan:
+            on_plan(plans)
+        if on_executor:
+            on_executor(kind, why)
+
+        report = done = None
+        phases = {"plan": time.monotonic() - started}
+        units = make_units(plan, unit_bytes)
         if kind == "ray":
             from .distributed import execute_ray
 
@@ -302,8 +302,8 @@ def _execute(job: Job, started: float, *, stats, executor, workers, ray_address,
                                                                                 strict=True)]
         files = [_publish(st, p, job, f if stats else None, phases, device_name)
                  for p, st, f in zip(plans, stagings, founds, strict=True)]
-    if report:
-        phases = {"plan": phases["plan"], **report.phases, "hash+publish": phases["hash+publish"]}
+        if report:
+            phases = {"plan": phases["plan"], **report.phases, "hash+publish": phases["hash+publish"]}
     n_extra = sum(t.action == "extrapolate" for t in plan.tensors)
     return [Summary(
         out=out_path,
