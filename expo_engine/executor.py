@@ -287,10 +287,13 @@ def execute_sweep(plans: list[Plan], stagings: list[Staging], units: tuple[Unit,
     founds: list[dict[str, tuple[kernels.Stats, kernels.Stats]]] = [{} for _ in plans]
     for staging, found in zip(stagings, founds, strict=True):
         records = staging.journal_done()
+        ends = {}
         for u in units:
             if u.index in kept:
                 merge_stats(found, records[u.index]["stats"])
-                staging.resume_at(u.shard, u.stop)  # units of a shard are kept from its start, in order
+                ends[u.shard] = u.stop  # the units of a shard are kept from its start, in order
+        for shard, offset in ends.items():
+            staging.resume_at(shard, offset)
         staging.direct_writes()
     todo = [u for u in units if u.index not in kept]
     chunks = [plan.chunks[k] for u in todo for k in range(u.first, u.last)]

@@ -148,15 +148,16 @@ class Staging:
     def __enter__(self) -> Staging:
         require_owner(self.lock, self.out)  # whatever is at self.dir belongs to no live run
         if os.path.lexists(self.dir):
-            if self.journal_key and self._journal_key_on_disk() == self.journal_key and all(
+            key = self._journal_key_on_disk()
+            if self.journal_key and key == self.journal_key and all(
                     os.path.isfile(f := os.path.join(self.dir, s.filename)) and os.path.getsize(f) == s.size
                     for s in self.plan.shards):
                 self.resumed = True
                 self.note = f"resuming from {self.dir}, left by a run that stopped"
             else:
                 shutil.rmtree(self.dir)
-                why = ("it was made for another alpha, layout, inputs or executor" if self._journal_key_on_disk()
-                       else "it has no journal to resume from")
+                why = "it was made for another alpha, layout, inputs or executor" if key else \
+                    "it has no journal to resume from"
                 self.note = f"removed {self.dir}, left by a run that stopped ({why})"
         if not self.resumed:
             os.mkdir(self.dir)
