@@ -300,7 +300,11 @@ def _execute(job: Job, started: float, *, stats, executor, workers, ray_address,
         # (short of a failure between the renames themselves).
         warnings = [check_finite(p, st, f, allow_nonfinite) for p, st, f in zip(plans, stagings, founds,
                                                                                 strict=True)]
-        files = [_publish(st, p, job, f if stats else None, phases, device_name)
+        extra = {"reads": done.reads} if done else {}
+        if done and done.resumed_units:
+            extra["resumed"] = {"units": done.resumed_units, "of": done.units,
+                                "note": "written by an earlier run that stopped, kept from its journal"}
+        files = [_publish(st, p, job, f if stats else None, phases, device_name, extra)
                  for p, st, f in zip(plans, stagings, founds, strict=True)]
         if report:
             phases = {"plan": phases["plan"], **report.phases, "hash+publish": phases["hash+publish"]}
@@ -428,10 +432,10 @@ def check_finite(plan: Plan, staging: Staging, found: dict[str, tuple[Stats, Sta
 
 
 def _publish(staging: Staging, plan: Plan, job: Job, found: dict | None, phases: dict,
-             device: str = "cpu") -> dict:
+             device: str = "cpu", extra: dict | None = None) -> dict:
     t = time.monotonic()
     cpu_kernel = f"compiled ({native_kernel()})" if native_kernel() else "torch ops"
-    prov = provenance(plan, job.sft, job.aligned) | {"device": device, "cpu_kernel": cpu_kernel}
+    prov = provenance(plan, job.sft, job.aligned) | {"device": device, "cpu_kernel": cpu_kernel} | (extra or {})
     if job.sweep:
         prov["sweep"] = {"alphas": [p.alpha for p in job.plans],
                          "note": "one of the outputs of an alpha sweep, all written from one read of the inputs"}

@@ -19,13 +19,14 @@ import contextlib
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import dtypes, kernels
 from .errors import InputChangedError, MismatchError
+from .pagecache import resident_fraction
 from .plan import Chunk, Plan, TensorPlan, Unit
 from .sources import TensorSlot
 from .writer import ALIGN, Staging, direct_io, fault_point
@@ -37,11 +38,20 @@ DEPTH = 3  # buffer sets in flight: one being read, one computed, one written
 COMPUTE_THREADS = 2  # the fused statistics kernel runs on this many threads, one torch thread each
 
 
+CACHED = 0.5  # a range with at least this fraction of its pages in the page cache is read through it
+
+
 class _Inputs:
-    """Read-only descriptors of every input file, with the size and mtime they had when opened."""
+    """Read-only descriptors of every input file, with the size and mtime they had when opened.
+
+    With `direct`, each range is read with O_DIRECT unless the page cache already holds most of it (CACHED, asked
+    with pagecache.resident_fraction just before the read): inputs that are not in memory go from the disk
+    straight into the buffers, inputs that are (a warm cache) are copied from memory instead of read again.
+    `counts` records, per file, how many bytes went each way."""
 
     def __init__(self, paths, direct: bool = False):
         self.fds, self.stats, self.direct = {}, {}, {}
+        self.counts: dict[str, list[int]] = {}  # path -> [bytes read through the page cache, bytes with O_DIRECT]
         try:
             for path in sorted(set(paths)):
                 fd = os.open(path, os.O_RDONLY)
@@ -61,9 +71,13 @@ class _Inputs:
         (at the front of `buf`, or a few bytes in where O_DIRECT needs an aligned address)."""
         size = dtypes.itemsize(slot.dtype)
         offset, nbytes = slot.offset + start * size, (stop - start) * size
+        count = self.counts.setdefault(slot.file, [0, 0])
         if (slot.file in self.direct and offset % size == 0 and nbytes >= ALIGN
-                and _direct_room(buf, offset, nbytes) <= len(buf)):
+                and _direct_room(buf, offset, nbytes) <= len(buf)
+                and (resident_fraction(self.fds[slot.file], offset, nbytes) or 0.0) < CACHED):
+            count[1] += nbytes
             return self._read_direct(buf, slot, offset, nbytes)
+        count[0] += nbytes
         view = buf[:nbytes]
         mem = memoryview(view)
         while mem:
@@ -94,6 +108,16 @@ class _Inputs:
             got, pos = got + n, pos + n
         first = base + offset - lo
         return buf[first: first + nbytes]
+
+    def read_report(self) -> dict:
+        """How the inputs were read, for expo.json: bytes through the page cache and with O_DIRECT, per file."""
+        cached, direct = (sum(c[i] for c in self.counts.values()) for i in (0, 1))
+        return {"policy": ("per chunk: through the page cache where at least half of the range was cached, else "
+                           "O_DIRECT") if self.direct else "through the page cache (no O_DIRECT here, or "
+                           "EXPO_BUFFERED_IO=1)",
+                "page_cache_bytes": cached, "direct_bytes": direct,
+                "files": {path: {"page_cache_bytes": c[0], "direct_bytes": c[1]}
+                          for path, c in sorted(self.counts.items())}}
 
     def prefetch(self, t: TensorPlan, c: Chunk) -> None:
         """Ask the kernel to read a chunk's input ranges into the page cache now (no memory of this process)."""
@@ -266,6 +290,7 @@ class Done:
     resumed_units: int = 0
     resumed_bytes: int = 0  # output bytes (per output) kept from the earlier run
     bytes_read: int = 0  # input bytes this run read
+    reads: dict = field(default_factory=dict)  # how they were read (_Inputs.read_report)
 
 
 def execute_sweep(plans: list[Plan], stagings: list[Staging], units: tuple[Unit, ...],
@@ -325,6 +350,7 @@ def execute_sweep(plans: list[Plan], stagings: list[Staging], units: tuple[Unit,
         for staging in stagings:
             staging.flush()
         inputs.check_unchanged()
+        reads = inputs.read_report()
     finally:
         inputs.close()
     for found, more in zip(founds, new, strict=True):
@@ -332,7 +358,7 @@ def execute_sweep(plans: list[Plan], stagings: list[Staging], units: tuple[Unit,
             kernels.add_stats(found, name, d, u)
     kept_units_ = [u for u in units if u.index in kept]
     return Done(founds, len(units), len(kept_units_), sum(u.stop - u.start for u in kept_units_),
-                sum(chunk_input_bytes(plan, c) for c in chunks))
+                sum(chunk_input_bytes(plan, c) for c in chunks), reads)
 
 
 def kept_units(units: tuple[Unit, ...], stagings: list[Staging]) -> set[int]:

@@ -201,6 +201,7 @@ def test_direct_and_buffered_reads_give_the_same_exact_output(pairs, tmp_path, m
     from expo_engine.writer import Staging
 
     calls, writes = [], []
+    monkeypatch.setattr(ex, "resident_fraction", lambda *a: 0.0)  # as if nothing were cached: O_DIRECT reads
     real = ex._Inputs._read_direct
     monkeypatch.setattr(ex._Inputs, "_read_direct", lambda self, *a: calls.append(a[1].name) or real(self, *a))
     real_write = Staging._write_direct
@@ -283,3 +284,54 @@ def test_model_card_base_model_is_the_hub_repo_id():
                        "engine_version": "x", "dtypes": ["BF16"]})
     assert card.startswith('---\nbase_model: "org/zephyr-dpo"\n')
     assert "- aligned model: `org/zephyr-dpo@v1.0` (revision `0123abcd`)" in card
+
+
+def _evict(folder: str) -> None:
+    """Drop a folder's files from the page cache (POSIX_FADV_DONTNEED frees their pages once they are clean)."""
+    for name in os.listdir(folder):
+        fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+        os.fsync(fd)  # dirty pages (a file just written) are not dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+
+def _warm(folder: str) -> None:
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name), "rb") as f:
+            while f.read(1 << 20):
+                pass
+
+
+@pytest.mark.parametrize("cache", ["cold", "warm", "half"])
+def test_reads_follow_what_the_page_cache_holds(tmp_path, cache):
+    """The real page cache decides, per chunk: inputs not in memory are read with O_DIRECT, inputs in memory
+    through the page cache; expo.json says how many bytes went each way. The output is the same either way.
+    (Files of 8 MiB: reading a header pulls the next 128 KiB into the cache by readahead, all of a tiny file.)"""
+    import json
+
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(3)
+    sft = {f"layers.{i}.weight": torch.randn(2048, 1024, generator=g).to(torch.bfloat16) for i in range(2)}
+    aligned = {k: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).to(torch.bfloat16) for k, v in sft.items()}
+    sides = {}
+    for name, state in (("sft", sft), ("aligned", aligned)):
+        os.makedirs(tmp_path / name)
+        save_file(state, str(tmp_path / name / "model.safetensors"))
+        sides[name] = str(tmp_path / name)
+    for side in sides.values():
+        (_evict if cache == "cold" else _warm)(side)
+    if cache == "half":
+        _evict(sides["sft"])
+    out = str(tmp_path / "out")
+    s = extrapolate(sides["sft"], sides["aligned"], 0.7, out, chunk_bytes=1 << 20)
+    with open(os.path.join(out, "expo.json")) as f:
+        reads = json.load(f)["reads"]
+    assert reads["page_cache_bytes"] + reads["direct_bytes"] == s.bytes_read
+    for name, side in sides.items():
+        r = reads["files"][os.path.join(side, "model.safetensors")]
+        cold = cache == "cold" or (cache == "half" and name == "sft")
+        assert r["page_cache_bytes" if cold else "direct_bytes"] == 0, (name, r)
+        assert r["direct_bytes" if cold else "page_cache_bytes"] == 8 * 2**20, (name, r)
+    out_state = load_output(out)
+    assert worst_steps(out_state, sft, aligned, 0.7) <= 1
