@@ -1,11 +1,14 @@
 """Benchmark `expo extrapolate` against `cp -r` of the same bytes (the I/O floor) and the in-memory approach.
 
-    python benchmarks/bench_extrapolate.py --size-gb 4 --workdir /work/bench-work [--repeat 3] [--markdown FILE]
+    python benchmarks/bench_extrapolate.py --size-gb 4 --workdir /work/bench-work [--repeat 3] [--cache cold|warm|both]
+        [--markdown FILE]
 
 Builds (once, cached in --workdir) a Llama-shaped bf16 SFT/aligned pair of about --size-gb GB in all, written
 block by block as HF-style shards. Each measurement runs in a fresh wrapper process (this file with `_measure`)
 that starts the command, sums the RSS of its whole process tree every 50 ms, and reports that peak, the wall time
-and getrusage(RUSAGE_CHILDREN).ru_maxrss. The page cache is dropped before each one when permitted.
+and getrusage(RUSAGE_CHILDREN) (peak RSS, user + system CPU). `--cache cold` (default) drops the page cache before
+each run (when permitted); `warm` reads both inputs into it first (as after a download or an earlier run);
+`both` interleaves the two regimes and reports each against `cp -r` measured in the same regime.
 Keep --workdir outside the repository: it holds several GB.
 """
 
@@ -156,17 +159,31 @@ def measure(cmd: list[str], log: str) -> None:
         peak = max(peak, rss)
         time.sleep(0.05)
     wall = time.perf_counter() - t0
-    maxrss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    print(json.dumps({"rc": proc.returncode, "wall": wall, "tree_peak": peak, "ru_maxrss": maxrss}))
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(json.dumps({"rc": proc.returncode, "wall": wall, "tree_peak": peak, "ru_maxrss": ru.ru_maxrss * 1024,
+                      "cpu": ru.ru_utime + ru.ru_stime}))
 
 
-def run_one(cmd: list[str], out: str, workdir: str) -> dict:
+def warm_up(folders: list[str]) -> None:
+    """Read every file of `folders` into the page cache."""
+    for folder in folders:
+        for name in sorted(os.listdir(folder)):
+            with open(os.path.join(folder, name), "rb", buffering=0) as f:
+                while f.read(16 << 20):
+                    pass
+
+
+def run_one(cmd: list[str], out: str, workdir: str, cache: str = "cold", inputs: tuple[str, ...] = ()) -> dict:
     os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            cold = bool(f.write("3\n"))
-    except OSError:
-        cold = False
+    cold = False
+    if cache == "warm":
+        warm_up(list(inputs))
+    else:
+        try:
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                cold = bool(f.write("3\n"))
+        except OSError:
+            pass
     load, log = os.getloadavg()[0], os.path.join(workdir, "last.log")
     res = subprocess.run([sys.executable, __file__, "_measure", log, "--", *cmd], capture_output=True, text=True)
     r = json.loads(res.stdout.strip().splitlines()[-1])
@@ -174,7 +191,8 @@ def run_one(cmd: list[str], out: str, workdir: str) -> dict:
         sys.exit(f"{cmd[0]} failed (rc {r['rc']}):\n{open(log).read()[-3000:]}")
     r["written"] = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
     own = re.search(r"GB in ([0-9.]+) s", open(log).read())  # expo's own timer, which starts after its imports
-    return r | {"cold": cold, "load": load, "own": float(own[1]) if own else None}
+    return r | {"cold": cold, "cache": cache if cold or cache == "warm" else "WARM (could not drop)", "load": load,
+                "own": float(own[1]) if own else None}
 
 
 def spot_check(sft: str, aligned: str, out: str) -> float:
@@ -203,8 +221,8 @@ def spot_check(sft: str, aligned: str, out: str) -> float:
 def table(results: dict[str, list[dict]]) -> str:
     cp, fmt = statistics.median(r["wall"] for r in results["cp -r + sync"]), ", ".join
     rows = ["| method | runs | wall s, median (all) | own timer s, median | GB written | GB/s | wall / cp "
-            "| peak tree RSS MiB, max (all) | ru_maxrss MiB, max | load avg before |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "| CPU s (user + sys), median | peak tree RSS MiB, max (all) | ru_maxrss MiB, max | load avg before |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, rs in results.items():
         wall, gb = statistics.median(r["wall"] for r in rs), rs[0]["written"] / 1e9
         peaks = [r["tree_peak"] / 2**20 for r in rs]
@@ -212,7 +230,7 @@ def table(results: dict[str, list[dict]]) -> str:
         own = [r["own"] for r in rs if r.get("own")]
         own = f"{statistics.median(own):.1f}" if own else "-"
         rows.append(f"| {name} | {len(rs)} | {wall:.1f} ({walls}) | {own} | {gb:.2f} | {gb / wall:.2f} | "
-                    f"{wall / cp:.2f} | "
+                    f"{wall / cp:.2f} | {statistics.median(r.get('cpu', 0.0) for r in rs):.1f} | "
                     f"{max(peaks):.0f} ({fmt(f'{p:.0f}' for p in peaks)}) | "
                     f"{max(r['ru_maxrss'] for r in rs) / 2**20:.0f} | {loads} |")
     return "\n".join(rows)
@@ -239,6 +257,8 @@ def main() -> None:
     p.add_argument("--skip-in-memory", action="store_true", help="skip the in-memory baseline (needs ~3x RAM)")
     p.add_argument("--markdown", metavar="FILE", help="append the table, command, date and machine to FILE")
     p.add_argument("--delete-pair", action="store_true", help="remove the cached pair at the end")
+    p.add_argument("--cache", choices=("cold", "warm", "both"), default="cold",
+                   help="page cache before each run: dropped, holding both inputs, or both regimes interleaved")
     p.add_argument("--ray-workers", metavar="N[,N...]", default="",
                    help="also run `expo extrapolate --executor ray --workers N` for each N (Ray started per run)")
     args = p.parse_args()
@@ -264,30 +284,41 @@ def main() -> None:
     timed = names[:3] + names[4:]  # interleaved; the in-memory baseline (names[3]) runs once at the end
     # What ran just before (a 2-4 GB write, sync and delete) slows the disk for a while, and a fixed order gave
     # one method that handicap in every round: each round runs in its own shuffled order (seeded: repeatable).
-    rounds = [random.Random(r).sample(timed, len(timed)) for r in range(args.repeat)]
-    results, worst = {name: [] for name in names}, None
-    for name in [n for order in rounds for n in order] + ([] if args.skip_in_memory else names[3:4]):
+    modes = ["cold", "warm"] if args.cache == "both" else [args.cache]
+    jobs = [(n, m) for n in timed for m in modes]
+    rounds = [random.Random(r).sample(jobs, len(jobs)) for r in range(args.repeat)]
+    tail = [] if args.skip_in_memory else [(names[3], m) for m in modes]
+    by_mode = {m: {name: [] for name in names} for m in modes}
+    worst = None
+    for name, mode in [j for order in rounds for j in order] + tail:
         shutil.rmtree(out, ignore_errors=True)
-        r = run_one(cmds[name], out, workdir)
+        r = run_one(cmds[name], out, workdir, mode, (sft, aligned))
         if name == names[0] and worst is None:
             worst = spot_check(sft, aligned, out)
-        results[name].append(r)
-        print(f"{name}: {r['wall']:.1f} s, tree peak {r['tree_peak'] / 2**20:.0f} MiB, "
-              f"{'cold' if r['cold'] else 'WARM'} cache", file=sys.stderr, flush=True)
+        by_mode[mode][name].append(r)
+        print(f"{name} [{mode}]: {r['wall']:.1f} s, cpu {r['cpu']:.1f} s, tree peak {r['tree_peak'] / 2**20:.0f} "
+              f"MiB, {r['cache']} cache", file=sys.stderr, flush=True)
         shutil.rmtree(out, ignore_errors=True)
-    results = {k: v for k, v in results.items() if v}
+    for mode in modes:
+        report_mode(args, info, names, {k: v for k, v in by_mode[mode].items() if v}, worst, mode)
+    if args.delete_pair:
+        shutil.rmtree(os.path.dirname(sft))
+
+
+def report_mode(args, info: dict, names: list[str], results: dict, worst, mode: str) -> None:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     own = [f"{r['own']:.1f}" for r in results.get(names[0], []) if r["own"]]
     own_ns = [f"{r['own']:.1f}" for r in results.get(names[1], []) if r["own"]]
     with_s, without = (statistics.median(r["wall"] for r in results[n]) for n in names[:2])
     floor = statistics.median(r["wall"] for r in results["read both + cp -r + sync"])
     report = "\n".join([
-        f"### {args.size_gb:g} GB pair ({info['params'] / 1e9:.2f} B params per model, {info['layers']} layers, "
-        f"largest tensor {info['largest_mib']:.0f} MiB; SFT in 2 shards, aligned in 5)", "",
+        f"### {args.size_gb:g} GB pair, {mode} cache ({info['params'] / 1e9:.2f} B params per model, "
+        f"{info['layers']} layers, largest tensor {info['largest_mib']:.0f} MiB; SFT in 2 shards, aligned in 5)", "",
         f"- command: `python benchmarks/bench_extrapolate.py {' '.join(sys.argv[1:])}`",
         f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}; machine: {os.cpu_count()} cores, {mem:.1f} GiB RAM, "
         f"{platform.platform()}; engine: {engine_revision()}",
-        "- page cache: " + ("dropped before every run (cold)" if all(r["cold"] for v in results.values() for r in v)
+        "- page cache: " + ("both inputs read into it before every run (warm)" if mode == "warm" else
+                            "dropped before every run (cold)" if all(r["cold"] for v in results.values() for r in v)
                             else "COULD NOT be dropped (no permission): these are WARM-cache numbers"),
         f"- expo output vs the float64 formula rounded once (rows of 4 tensors, across a chunk edge): worst "
         f"{worst:g} bf16 step(s)" if worst is not None else "- expo output not checked",
@@ -302,8 +333,6 @@ def main() -> None:
     if args.markdown:
         with open(args.markdown, "a") as f:
             f.write(report + "\n")
-    if args.delete_pair:
-        shutil.rmtree(os.path.dirname(sft))
 
 
 if __name__ == "__main__":
