@@ -230,6 +230,8 @@ def run_e2e(sft: str, aligned: str, out: str, chunk_bytes: int, runner, discard:
         else:
             path = check_output_path(out, [sft_ck.path, aligned_ck.path], True)
             with OutputLock(path) as lock, Staging(path, plan, lock) as staging:
+                staging.direct_writes()  # as the in-process executor writes
+
                 def write(t, c, data, chunk_stats):
                     staging.write(t.shard, t.offset + c.start * dtypes.itemsize(t.dtype), data)
 

@@ -332,8 +332,8 @@ def execute_sweep(plans: list[Plan], stagings: list[Staging], units: tuple[Unit,
             journal.written(t, c, chunk_stats)
             if on_progress:
                 on_progress(len(data))
-            if first:
-                fault_point(f"chunk:{position[c]}")
+            if first:  # a test switch: die right after this chunk, once its unit is journaled
+                fault_point(f"chunk:{position[c]}", staging.journal_drain)
         return write
 
     writes = [writer(s, j == 0) for j, s in enumerate(stagings)]

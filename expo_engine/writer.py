@@ -146,6 +146,8 @@ class Staging:
         self._carry: dict[str, tuple[int, bytes]] = {}
         self._waiting: list[tuple[Unit, dict]] = []  # finished units not yet durable on disk (see unit_written)
         self._hash_pool: ThreadPoolExecutor | None = None
+        self._journal_pool: ThreadPoolExecutor | None = None
+        self._syncs: list = []  # futures of _sync_and_journal, in order
 
     def __enter__(self) -> Staging:
         require_owner(self.lock, self.out)  # whatever is at self.dir belongs to no live run
@@ -203,9 +205,10 @@ class Staging:
         self._next[shard] = offset
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self._hash_pool is not None:
-            self._hash_pool.shutdown()
-            self._hash_pool = None
+        for pool in (self._hash_pool, self._journal_pool):
+            if pool is not None:
+                pool.shutdown()  # waits: nothing may still use the descriptors closed below
+        self._hash_pool = self._journal_pool = None
         for fd in [*self._fds.values(), *self._direct.values()]:
             os.close(fd)
         self._fds.clear()
@@ -255,15 +258,39 @@ class Staging:
         self._waiting.append((unit, record))
         shard = unit.shard
         size = next(s.size for s in self.plan.shards if s.filename == shard)
-        try:
-            if unit.stop == size:
+        if unit.stop == size:
+            try:
                 self._flush_carry(shard)
+            except OSError as e:
+                raise write_error(e, os.path.join(self.dir, shard)) from None
+        durable = self._carry[shard][0] if shard in self._direct else size  # every byte before it has been written
+        ready = []
+        while self._waiting and self._waiting[0][0].stop <= durable:
+            ready.append(self._waiting.pop(0)[1])
+        # The fdatasync and the journal lines on a thread of their own (in order): the writes go on meanwhile.
+        for f in [f for f in self._syncs if f.done()]:
+            self._syncs.remove(f)
+            f.result()  # surfaces a failed sync early
+        if ready:
+            self._syncs.append(self._journaler().submit(self._sync_and_journal, shard, ready))
+
+    def _sync_and_journal(self, shard: str, records: list[dict]) -> None:
+        try:
             os.fdatasync(self._fds[shard])
         except OSError as e:
             raise write_error(e, os.path.join(self.dir, shard)) from None
-        durable = self._carry[shard][0] if shard in self._direct else size
-        while self._waiting and self._waiting[0][0].stop <= durable:
-            self.journal_add(self._waiting.pop(0)[1])
+        for record in records:
+            self.journal_add(record)
+
+    def _journaler(self) -> ThreadPoolExecutor:
+        if self._journal_pool is None:
+            self._journal_pool = ThreadPoolExecutor(1, "expo-journal")
+        return self._journal_pool
+
+    def journal_drain(self) -> None:
+        """Wait until every finished unit handed to unit_written is synced and journaled (raising what failed)."""
+        while self._syncs:
+            self._syncs.pop(0).result()
 
     def write(self, shard: str, offset: int, data: memoryview) -> None:
         """Write `data` at `offset` of `shard`. Writes in plan order let the checksum be kept on the fly."""
@@ -328,7 +355,8 @@ class Staging:
 
     def flush(self) -> None:
         """Write every carried tail, so that the shards on disk hold every byte written so far (before they are
-        read back, e.g. by the NaN/Inf scan). Later writes go through the page cache."""
+        read back, e.g. by the NaN/Inf scan), and finish journaling. Later writes go through the page cache."""
+        self.journal_drain()
         for shard in list(self._direct):
             try:
                 self._flush_carry(shard)
@@ -340,6 +368,7 @@ class Staging:
 
         Returns {file name: {"size", "sha256"}} of everything written but expo.json itself.
         """
+        self.journal_drain()
         checksums = {}
         for shard in self.plan.shards:
             fd = self._fds[shard.filename]
@@ -393,12 +422,15 @@ class Staging:
 FAULT_KILL_AT = "EXPO_FAULT_KILL_AT"  # test switch: "publish" or "chunk:K": this process SIGKILLs itself there
 
 
-def fault_point(where: str) -> None:
+def fault_point(where: str, settle=None) -> None:
     """Fault injection for the kill tests: this process dies of SIGKILL here (as under kill -9 or the OOM killer:
-    nothing runs after it) if FAULT_KILL_AT names `where`; otherwise nothing happens."""
+    nothing runs after it) if FAULT_KILL_AT names `where`, after calling `settle` (so that the point is exact:
+    e.g. after the journal has caught up); otherwise nothing happens."""
     if os.environ.get(FAULT_KILL_AT) == where:
         import signal
 
+        if settle:
+            settle()
         os.kill(os.getpid(), signal.SIGKILL)
 
 
