@@ -78,6 +78,7 @@ class SweepSummary:
     warnings: list[str]
     resumed_units: int = 0  # units every output had already written in an earlier run that stopped
     units: int = 0
+    bytes_read_now: int = 0  # input bytes this run read
 
 
 def extrapolate(
@@ -201,6 +202,7 @@ def extrapolate_sweep(
         warnings=[w for r in runs for w in r.warnings],
         resumed_units=min(r.resumed_units for r in runs),
         units=runs[0].units,
+        bytes_read_now=runs[0].bytes_read_now,
     )
 
 

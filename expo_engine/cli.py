@@ -326,7 +326,7 @@ def describe(s: Summary) -> str:
         f"  read {human(s.bytes_read)}, wrote {human(s.bytes_written)} in {s.seconds:.1f} s "
         f"({human(rate)}/s); peak RSS {s.peak_rss_bytes / 2**20:.0f} MiB"
         + (f"; whole process tree {s.tree_peak_bytes / 2**20:.0f} MiB" if s.tree_peak_bytes else "")
-        + (_describe_ray(s) or _describe_resume(s.resumed_units, s.units))
+        + (_describe_ray(s) or _describe_resume(s.resumed_units, s.units, s.bytes_read_now))
     )
 
 
@@ -340,7 +340,7 @@ def describe_sweep(s: SweepSummary) -> str:
                  f"{first.shards} shard(s), dtype {', '.join(first.dtypes) or '-'}")
     lines.append(f"  read {human(s.bytes_read)}, wrote {human(s.bytes_written)} in {s.seconds:.1f} s "
                  f"({human(rate)}/s); peak RSS {s.peak_rss_bytes / 2**20:.0f} MiB"
-                 + _describe_resume(s.resumed_units, s.units))
+                 + _describe_resume(s.resumed_units, s.units, s.bytes_read_now))
     return "\n".join(lines)
 
 
@@ -377,9 +377,9 @@ def _say_notice(note: str) -> None:
     print(f"expo: {note}", file=sys.stderr)
 
 
-def _describe_resume(resumed: int, units: int) -> str:
+def _describe_resume(resumed: int, units: int, read_now: int) -> str:
     return (f"\n  resumed: {resumed} of {units} units were already written by the run that stopped; only the rest was "
-            "read and computed" if resumed else "")
+            f"read ({human(read_now)}) and computed" if resumed else "")
 
 
 def _describe_ray(s: Summary) -> str:
