@@ -288,7 +288,6 @@ class Done:
     founds: list[dict[str, tuple[kernels.Stats, kernels.Stats]]]
     units: int
     resumed_units: int = 0
-    resumed_bytes: int = 0  # output bytes (per output) kept from the earlier run
     bytes_read: int = 0  # input bytes this run read
     reads: dict = field(default_factory=dict)  # how they were read (_Inputs.read_report)
 
@@ -356,9 +355,7 @@ def execute_sweep(plans: list[Plan], stagings: list[Staging], units: tuple[Unit,
     for found, more in zip(founds, new, strict=True):
         for name, (d, u) in more.items():
             kernels.add_stats(found, name, d, u)
-    kept_units_ = [u for u in units if u.index in kept]
-    return Done(founds, len(units), len(kept_units_), sum(u.stop - u.start for u in kept_units_),
-                sum(chunk_input_bytes(plan, c) for c in chunks), reads)
+    return Done(founds, len(units), len(kept), sum(chunk_input_bytes(plan, c) for c in chunks), reads)
 
 
 def kept_units(units: tuple[Unit, ...], stagings: list[Staging]) -> set[int]:
