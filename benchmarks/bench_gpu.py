@@ -43,9 +43,10 @@ import bench_extrapolate  # noqa: E402  (the pair writer and the engine's revisi
 
 from expo_engine import ExpoError, dtypes, extrapolate, gpu, verify  # noqa: E402
 from expo_engine.api import provenance  # noqa: E402
-from expo_engine.executor import _Inputs, direct_io, input_paths, run_chunks  # noqa: E402
+from expo_engine.executor import run_chunks  # noqa: E402
 from expo_engine.ownership import OutputLock  # noqa: E402
 from expo_engine.plan import make_plan  # noqa: E402
+from expo_engine.reading import Inputs, direct_io, input_paths  # noqa: E402
 from expo_engine.sources import open_checkpoint  # noqa: E402
 from expo_engine.writer import Staging, check_output_path, side_files  # noqa: E402
 
@@ -211,7 +212,7 @@ def run_e2e(sft: str, aligned: str, out: str, chunk_bytes: int, runner, discard:
     t0 = time.perf_counter()
     sft_ck, aligned_ck = open_checkpoint(sft), open_checkpoint(aligned)
     plan = make_plan(sft_ck, aligned_ck, ALPHA, chunk_bytes=chunk_bytes)
-    inputs = _Inputs(input_paths(plan), direct=direct_io())
+    inputs = Inputs(input_paths(plan), direct=direct_io())
     if timed_kernels is not None:  # CUDA events around every kernel (and its reduction), on the compute stream
         real = gpu._sums
 

@@ -306,7 +306,7 @@ def _run_verify(args) -> int:
 def _run_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(args.alpha, args.keep)
+    return run_demo(args.alpha, args.keep, describe)
 
 
 def human(nbytes: float) -> str:

@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .api import extrapolate
-from .cli import describe
 from .kernels import error_steps
 
 CONFIG = {
@@ -67,16 +66,18 @@ def write_checkpoint(folder: str, tensors: dict[str, torch.Tensor], config: dict
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
-def run_demo(alpha: float, keep: str | None = None) -> int:
+def run_demo(alpha: float, keep: str | None = None, describe=str) -> int:
+    """Build the tiny pair, extrapolate it, check every element, printing as it goes; `describe` renders the run's
+    Summary (the CLI passes its own)."""
     root = keep or tempfile.mkdtemp(prefix="expo-demo-")
     try:
-        return _demo(root, alpha, overwrite=keep is not None)
+        return _demo(root, alpha, overwrite=keep is not None, describe=describe)
     finally:
         if keep is None:
             shutil.rmtree(root, ignore_errors=True)
 
 
-def _demo(root: str, alpha: float, overwrite: bool) -> int:
+def _demo(root: str, alpha: float, overwrite: bool, describe) -> int:
     sft_dir, aligned_dir, out_dir = (os.path.join(root, n) for n in ("sft", "aligned", "expo"))
     sft = llama_state_dict(CONFIG, seed=0)
     # "Alignment": a small change on top of the SFT weights, as DPO makes.

@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 
 from . import dtypes, kernels
 from .errors import ExpoError, Interrupted, OptionError, OutputError, SourceError
-from .executor import DEPTH, _Inputs, direct_io, input_paths, merge_stats, run_chunks, stats_as_record
+from .executor import merge_stats, run_chunks, stats_as_record
 from .plan import Chunk, Plan, TensorPlan, Unit
-from .writer import Staging, _pwrite_all
+from .reading import DEPTH, Inputs, direct_io, hash_range, input_paths, pwrite_all
+from .writer import Staging
 
 FAULT_KILL = "EXPO_FAULT_KILL_UNIT"  # test switch: the worker running this unit index dies on its first attempt
 FAULT_STOP = "EXPO_FAULT_STOP_AFTER"  # test switch: the driver stops, as if interrupted, after this many units
@@ -172,7 +173,7 @@ def run_unit(plan: Plan, unit: Unit, staging_dir: str, stats: bool, expect: str 
     fd = os.open(path, os.O_RDWR)
     try:
         if expect is not None:
-            if _hash_range(fd, unit.start, unit.stop) == expect:
+            if hash_range(fd, unit.start, unit.stop).hexdigest() == expect:
                 return {"index": unit.index, "sha256": expect, "skipped": True, "node": node,
                         "host": socket.gethostname(), "bytes": unit.stop - unit.start, "stats": None,
                         "seconds": time.monotonic() - started}
@@ -182,11 +183,11 @@ def run_unit(plan: Plan, unit: Unit, staging_dir: str, stats: bool, expect: str 
 
         def write(t: TensorPlan, c: Chunk, data: memoryview, _chunk_stats=None) -> None:
             offset = t.offset + c.start * dtypes.itemsize(t.dtype)
-            _pwrite_all(fd, data, offset)
+            pwrite_all(fd, data, offset)
             os.posix_fadvise(fd, offset, len(data), os.POSIX_FADV_DONTNEED)  # start writeback now
             h.update(data)  # chunks of a unit are contiguous and written in order
 
-        inputs = _Inputs({slot.file for c in chunks for slot in (plan.tensors[c.tensor].sft,
+        inputs = Inputs({slot.file for c in chunks for slot in (plan.tensors[c.tensor].sft,
                                                                    plan.tensors[c.tensor].aligned)},
                          direct=direct_io())
         try:
@@ -205,17 +206,6 @@ def run_unit(plan: Plan, unit: Unit, staging_dir: str, stats: bool, expect: str 
     return {"index": unit.index, "sha256": h.hexdigest(), "skipped": False, "node": node,
             "host": socket.gethostname(), "bytes": unit.stop - unit.start, "seconds": time.monotonic() - started,
             "stats": stats_as_record(found)}
-
-
-def _hash_range(fd: int, start: int, stop: int) -> str:
-    h = hashlib.sha256()
-    while start < stop:
-        block = os.pread(fd, min(16 << 20, stop - start), start)
-        if not block:
-            break
-        h.update(block)
-        start += len(block)
-    return h.hexdigest()
 
 
 def _maybe_fail(unit: Unit, faults: dict) -> None:

@@ -15,7 +15,6 @@ plus `(2 + N) * depth` chunks.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,172 +25,14 @@ import numpy as np
 
 from . import dtypes, kernels
 from .errors import InputChangedError, MismatchError
-from .pagecache import resident_fraction
 from .plan import Chunk, Plan, TensorPlan, Unit
-from .sources import TensorSlot
-from .writer import ALIGN, Staging, direct_io, fault_point
+from .reading import DEPTH, Buffers, Inputs, direct_io, input_paths
+from .writer import Staging, fault_point
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
-DEPTH = 3  # buffer sets in flight: one being read, one computed, one written
 COMPUTE_THREADS = 2  # the fused statistics kernel runs on this many threads, one torch thread each
-
-
-CACHED = 0.5  # a range with at least this fraction of its pages in the page cache is read through it
-
-
-class _Inputs:
-    """Read-only descriptors of every input file, with the size and mtime they had when opened.
-
-    With `direct`, each range is read with O_DIRECT unless the page cache already holds most of it (CACHED, asked
-    with pagecache.resident_fraction just before the read): inputs that are not in memory go from the disk
-    straight into the buffers, inputs that are (a warm cache) are copied from memory instead of read again.
-    `counts` records, per file, how many bytes went each way."""
-
-    def __init__(self, paths, direct: bool = False):
-        self.fds, self.stats, self.direct = {}, {}, {}
-        self.counts: dict[str, list[int]] = {}  # path -> [bytes read through the page cache, bytes with O_DIRECT]
-        try:
-            for path in sorted(set(paths)):
-                fd = os.open(path, os.O_RDONLY)
-                self.fds[path] = fd
-                self.stats[path] = _identity(os.fstat(fd))
-                if direct and hasattr(os, "O_DIRECT"):
-                    try:
-                        self.direct[path] = os.open(path, os.O_RDONLY | os.O_DIRECT)
-                    except OSError:
-                        pass  # a filesystem without O_DIRECT (tmpfs): read through the page cache
-        except OSError as e:
-            self.close()
-            raise InputChangedError(f"{e.filename or path}: cannot be opened any more ({e.strerror})") from None
-
-    def read_bytes(self, buf: np.ndarray, slot: TensorSlot, start: int, stop: int) -> np.ndarray:
-        """Read elements [start, stop) of `slot` into `buf` (numpy uint8); return the uint8 view that holds them
-        (at the front of `buf`, or a few bytes in where O_DIRECT needs an aligned address)."""
-        size = dtypes.itemsize(slot.dtype)
-        offset, nbytes = slot.offset + start * size, (stop - start) * size
-        count = self.counts.setdefault(slot.file, [0, 0])
-        if (slot.file in self.direct and offset % size == 0 and nbytes >= ALIGN
-                and _direct_room(buf, offset, nbytes) <= len(buf)
-                and (resident_fraction(self.fds[slot.file], offset, nbytes) or 0.0) < CACHED):
-            count[1] += nbytes
-            return self._read_direct(buf, slot, offset, nbytes)
-        count[0] += nbytes
-        view = buf[:nbytes]
-        mem = memoryview(view)
-        while mem:
-            n = os.preadv(self.fds[slot.file], [mem], offset)
-            if n == 0:
-                raise InputChangedError(f"{slot.file}: ended early while reading '{slot.name}'; was it truncated?")
-            mem, offset = mem[n:], offset + n
-        return view
-
-    def read_into(self, buf, slot: TensorSlot, start: int, stop: int) -> torch.Tensor:
-        """`read_bytes` into a uint8 torch tensor or numpy array; returns a 1-D torch tensor of the slot's dtype."""
-        import torch
-
-        arr = buf if isinstance(buf, np.ndarray) else buf.numpy()
-        return torch.from_numpy(self.read_bytes(arr, slot, start, stop)).view(dtypes.TORCH[slot.dtype])
-
-    def _read_direct(self, buf: np.ndarray, slot: TensorSlot, offset: int, nbytes: int) -> np.ndarray:
-        """O_DIRECT: the disk writes straight into `buf` (no page-cache copy, no page cache churn). Reads whole
-        aligned blocks around the range into an aligned spot of `buf` and returns the range's view."""
-        lo, hi = _blocks(offset, nbytes)
-        base = -buf.ctypes.data % ALIGN
-        mem = memoryview(buf[base: base + hi - lo])
-        got, pos = 0, lo
-        while got < offset + nbytes - lo:
-            n = os.preadv(self.direct[slot.file], [mem[got:]], pos)
-            if n == 0:
-                raise InputChangedError(f"{slot.file}: ended early while reading '{slot.name}'; was it truncated?")
-            got, pos = got + n, pos + n
-        first = base + offset - lo
-        return buf[first: first + nbytes]
-
-    def read_report(self) -> dict:
-        """How the inputs were read, for expo.json: bytes through the page cache and with O_DIRECT, per file."""
-        cached, direct = (sum(c[i] for c in self.counts.values()) for i in (0, 1))
-        return {"policy": ("per chunk: through the page cache where at least half of the range was cached, else "
-                           "O_DIRECT") if self.direct else "through the page cache (no O_DIRECT here, or "
-                           "EXPO_BUFFERED_IO=1)",
-                "page_cache_bytes": cached, "direct_bytes": direct,
-                "files": {path: {"page_cache_bytes": c[0], "direct_bytes": c[1]}
-                          for path, c in sorted(self.counts.items())}}
-
-    def prefetch(self, t: TensorPlan, c: Chunk) -> None:
-        """Ask the kernel to read a chunk's input ranges into the page cache now (no memory of this process)."""
-        for slot in (t.aligned, t.sft) if t.action == "extrapolate" else (t.aligned,):
-            if slot.file in self.direct:
-                continue
-            size = dtypes.itemsize(slot.dtype)
-            os.posix_fadvise(self.fds[slot.file], slot.offset + c.start * size, (c.stop - c.start) * size,
-                             os.POSIX_FADV_WILLNEED)
-
-    def check_unchanged(self) -> None:
-        for path, before in self.stats.items():
-            try:
-                now = _identity(os.stat(path))
-            except OSError:
-                raise InputChangedError(f"{path}: disappeared during the run; the output was not published") from None
-            if now != before:
-                raise InputChangedError(f"{path}: changed during the run (size or mtime); the output was not published")
-
-    def close(self) -> None:
-        for fd in [*self.fds.values(), *self.direct.values()]:
-            os.close(fd)
-        self.fds.clear()
-        self.direct.clear()
-
-
-def _blocks(offset: int, nbytes: int) -> tuple[int, int]:
-    """The whole ALIGN blocks around [offset, offset + nbytes): (first byte, end)."""
-    return offset - offset % ALIGN, -(-(offset + nbytes) // ALIGN) * ALIGN
-
-
-def _direct_room(buf: np.ndarray, offset: int, nbytes: int) -> int:
-    """Bytes of `buf` a direct read of [offset, offset + nbytes) uses: alignment of the address, then whole blocks."""
-    lo, hi = _blocks(offset, nbytes)
-    return -buf.ctypes.data % ALIGN + hi - lo
-
-
-def _identity(st: os.stat_result) -> tuple:
-    return st.st_ino, st.st_size, st.st_mtime_ns
-
-
-class _Buffers:
-    """One set of chunk buffers (numpy uint8). `np.empty` reserves address space only; pages become resident when
-    used. `outputs` output buffers (`out` is the first), one per output of a sweep."""
-
-    def __init__(self, nbytes: int, outputs: int = 1):
-        # one element of the widest dtype; room for a direct read: up to ALIGN - 1 bytes to reach an aligned address,
-        # then whole blocks from below the range's start to above its end (< nbytes + 2 * ALIGN)
-        nbytes = max(nbytes, 8) + 3 * ALIGN
-        self.sft = np.empty(nbytes, dtype=np.uint8)
-        self.aligned = np.empty(nbytes, dtype=np.uint8)
-        self.outs = [np.empty(nbytes, dtype=np.uint8) for _ in range(max(1, outputs))]
-        self.out = self.outs[0]
-
-
-@contextlib.contextmanager
-def read_ahead(n: int, read: Callable[[int], object]):
-    """Iterate over read(0), ..., read(n - 1), read(k + 1) running in a thread while the caller works on read(k)'s
-    result; `read` must alternate between two buffer sets. Leaving the block waits for the read in flight, so the
-    caller may close its files after it."""
-    with ThreadPoolExecutor(1, "expo-read-ahead") as reader:
-        def results():
-            pending = reader.submit(read, 0) if n else None
-            for k in range(n):
-                result = pending.result()
-                if k + 1 < n:
-                    pending = reader.submit(read, k + 1)
-                yield result
-
-        yield results()
-
-
-def input_paths(plan: Plan) -> list[str]:
-    return [slot.file for t in plan.tensors for slot in (t.sft, t.aligned)]
 
 
 def check_copies(plan: Plan) -> None:
@@ -201,8 +42,8 @@ def check_copies(plan: Plan) -> None:
         return
     import torch
 
-    inputs = _Inputs(input_paths(plan))
-    bufs = _Buffers(plan.chunk_bytes)
+    inputs = Inputs(input_paths(plan))
+    bufs = Buffers(plan.chunk_bytes)
     try:
         for t in copies:
             step = max(1, plan.chunk_bytes // dtypes.itemsize(t.dtype))
@@ -240,8 +81,8 @@ def scan_nonfinite(plan: Plan, staging_dir: str, names: list[str]) -> list[NonFi
 
     wanted = {plan.tensors.index(t): t for t in plan.tensors if t.name in set(names)}
     found = {}
-    inputs = _Inputs(input_paths(plan))
-    bufs = _Buffers(plan.chunk_bytes)
+    inputs = Inputs(input_paths(plan))
+    bufs = Buffers(plan.chunk_bytes)
     fds = {}
     try:
         for c in plan.chunks:
@@ -289,7 +130,7 @@ class Done:
     units: int
     resumed_units: int = 0
     bytes_read: int = 0  # input bytes this run read
-    reads: dict = field(default_factory=dict)  # how they were read (_Inputs.read_report)
+    reads: dict = field(default_factory=dict)  # how they were read (reading.Inputs.read_report)
 
 
 def execute_sweep(plans: list[Plan], stagings: list[Staging], units: tuple[Unit, ...],
@@ -336,7 +177,7 @@ def execute_sweep(plans: list[Plan], stagings: list[Staging], units: tuple[Unit,
         return write
 
     writes = [writer(s, j == 0) for j, s in enumerate(stagings)]
-    inputs = _Inputs(input_paths(plan), direct=direct_io())
+    inputs = Inputs(input_paths(plan), direct=direct_io())
     try:
         if device is not None and device.type == "cuda":
             if len(plans) > 1:
@@ -419,7 +260,7 @@ def check_same_layout(plans: list[Plan]) -> None:
             raise ValueError("the plans of a sweep must differ only in their alphas")
 
 
-def run_chunks(plan: Plan, chunks, inputs: _Inputs, write: Callable, stats: bool = True
+def run_chunks(plan: Plan, chunks, inputs: Inputs, write: Callable, stats: bool = True
                ) -> dict[str, tuple[kernels.Stats, kernels.Stats]]:
     """Read, compute and write `chunks` (of `plan`) with the three stages overlapped; `write(tensor, chunk, bytes,
     chunk_stats)` runs on one thread, in chunk order (chunk_stats: the chunk's (delta, update) statistics, None
@@ -427,12 +268,12 @@ def run_chunks(plan: Plan, chunks, inputs: _Inputs, write: Callable, stats: bool
     return run_sweep_chunks([plan], chunks, inputs, [write], stats)[0]
 
 
-def run_sweep_chunks(plans: list[Plan], chunks, inputs: _Inputs, writes: list[Callable], stats: bool = True
+def run_sweep_chunks(plans: list[Plan], chunks, inputs: Inputs, writes: list[Callable], stats: bool = True
                      ) -> list[dict[str, tuple[kernels.Stats, kernels.Stats]]]:
     """`run_chunks` for the outputs of a sweep: each chunk is read once (through plans[0]'s slots) and computed
     with each plan's alphas; writes[j] gets plans[j]'s bytes. Returns the statistics of each output."""
     founds: list[dict[str, tuple[kernels.Stats, kernels.Stats]]] = [{} for _ in plans]
-    sets = [_Buffers(plans[0].chunk_bytes, len(plans)) for _ in range(DEPTH)]
+    sets = [Buffers(plans[0].chunk_bytes, len(plans)) for _ in range(DEPTH)]
     if not any(_needs_torch(t, stats) for p in plans for t in p.tensors):
         _pipeline(plans, chunks, inputs, writes, stats, founds, sets)  # the compiled kernel does all the math
         return founds
@@ -492,7 +333,7 @@ def _pipeline(plans, chunks, inputs, writes, stats, founds, sets):
             f.result()
 
 
-def _read(inputs: _Inputs, t: TensorPlan, c: Chunk, bufs: _Buffers):
+def _read(inputs: Inputs, t: TensorPlan, c: Chunk, bufs: Buffers):
     a = inputs.read_bytes(bufs.aligned, t.aligned, c.start, c.stop)
     s = inputs.read_bytes(bufs.sft, t.sft, c.start, c.stop) if t.action == "extrapolate" else None
     return s, a

@@ -32,8 +32,8 @@ import torch
 
 from . import dtypes, kernels
 from .errors import OptionError
-from .executor import ALIGN, DEPTH
 from .plan import Chunk, Plan, TensorPlan
+from .reading import ALIGN, DEPTH
 
 BLOCK = 4096  # elements per Triton program (and per float32 partial sum): 8 warps, 16 elements per thread
 NUM_WARPS = 8
@@ -290,7 +290,7 @@ class _HostSet:
     keeps it cached after use."""
 
     def __init__(self, nbytes: int, pin: bool):
-        nbytes = max(nbytes, 8) + 3 * ALIGN  # as executor._Buffers: room to align O_DIRECT reads
+        nbytes = max(nbytes, 8) + 3 * ALIGN  # as reading.Buffers: room to align O_DIRECT reads
         self.sft = torch.empty(nbytes, dtype=torch.uint8)
         self.aligned = torch.empty(nbytes, dtype=torch.uint8)
         self.sums = torch.empty(7, dtype=torch.float64, pin_memory=pin)

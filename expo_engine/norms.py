@@ -11,15 +11,14 @@ streamed like extrapolation: chunks of at most `chunk_bytes`, read with pread in
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from . import dtypes, kernels
 from .errors import MismatchError, OptionError
-from .executor import _Buffers, _Inputs, direct_io, read_ahead
 from .kernels import Stats
-from .plan import _untied_extras
+from .naming import KINDS, classify, untied_extras
+from .reading import Buffers, Inputs, direct_io, read_ahead
 from .sources import Checkpoint, open_checkpoint
 
 if TYPE_CHECKING:
@@ -56,36 +55,6 @@ def reference_stats(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
     na, nb = a.norm().item(), b.norm().item()
     st["cosine"] = (a * b).sum().item() / (na * nb) if na and nb else st["cosine"]  # the direct definition
     return st
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Names -> (layer, kind)
-
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)\.")
-_KINDS = [  # first match wins; patterns are searched in the tensor name
-    ("qkv", r"(?:c_attn|query_key_value|qkv_proj|Wqkv|in_proj)"),
-    ("q", r"(?:q_proj|\.query\b|\.wq\b|q_lin)"),
-    ("k", r"(?:k_proj|\.key\b|\.wk\b|k_lin)"),
-    ("v", r"(?:v_proj|\.value\b|\.wv\b|v_lin)"),
-    ("o", r"(?:o_proj|out_proj|\.wo\b|attn\.c_proj|attention\.dense|attention\.output\.dense|self_attn\.dense)"),
-    ("mlp", r"(?:mlp|feed_forward|ffn|gate_proj|up_proj|down_proj|fc1|fc2|c_fc|dense_h_to_4h|dense_4h_to_h|\.w[123]\b"
-            r"|experts)"),
-    ("norm", r"(?:norm|ln_|\.ln\d*\b|layernorm)"),
-    ("embed", r"(?:embed|wte|wpe|word_embeddings|tok_embeddings|position_embeddings)"),
-    ("head", r"(?:lm_head|^output\.|score\.|classifier)"),
-]
-_KIND_RES = [(k, re.compile(p)) for k, p in _KINDS]
-KINDS = [k for k, _ in _KINDS] + ["other"]
-
-
-def classify(name: str) -> tuple[int | None, str]:
-    """(layer index or None, module kind) from a tensor name; unknown names fall back to kind 'other'."""
-    m = _LAYER.search(name)
-    layer = int(m.group(1)) if m else None
-    for kind, pattern in _KIND_RES:
-        if pattern.search(name):
-            return layer, kind
-    return layer, "other"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -126,7 +95,7 @@ def compare(a: Checkpoint, b: Checkpoint, chunk_bytes: int = 64 * 2**20) -> Pair
 
     One thread reads the next chunk (O_DIRECT where allowed) while this one computes; the compiled kernel sums in
     float64 in one pass, torch ops (float64 scratch blocks) where it does not apply."""
-    only_a, only_b = _untied_extras(a, b), _untied_extras(b, a)  # a tied alias on one side only is not a change
+    only_a, only_b = untied_extras(a, b), untied_extras(b, a)  # a tied alias on one side only is not a change
     if only_a or only_b:
         raise MismatchError(f"{a.source} and {b.source} hold different tensors (only in the first: "
                             f"{', '.join(only_a[:5]) or '-'}; only in the second: {', '.join(only_b[:5]) or '-'})")
@@ -145,8 +114,8 @@ def compare(a: Checkpoint, b: Checkpoint, chunk_bytes: int = 64 * 2**20) -> Pair
         if ta.numel == 0:
             work.append((name, ta, tb, 0, 0))
     report = PairReport(a.source, b.source)
-    inputs = _Inputs([t.file for t in a.tensors.values()] + [t.file for t in b.tensors.values()], direct=direct_io())
-    sets = [_Buffers(chunk_bytes) for _ in range(2)]
+    inputs = Inputs([t.file for t in a.tensors.values()] + [t.file for t in b.tensors.values()], direct=direct_io())
+    sets = [Buffers(chunk_bytes) for _ in range(2)]
     scratch = None
 
     def read(k: int):

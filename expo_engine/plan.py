@@ -16,6 +16,8 @@ from huggingface_hub.serialization._base import parse_size_to_int
 
 from . import dtypes
 from .errors import MismatchError, OptionError
+from .naming import shared_names
+from .rules import as_rules, resolve
 from .sources import Checkpoint, TensorSlot
 
 SHARD_PATTERN = "model{suffix}.safetensors"
@@ -246,7 +248,7 @@ def make_plan(
     max_shard = parse_size(max_shard_size)
     # Output order follows the aligned checkpoint's files, so its reads stay sequential.
     drafts = {}
-    for name in _shared_names(sft, aligned):
+    for name in shared_names(sft, aligned):
         s, a = sft.tensors[name], aligned.tensors[name]
         if s.shape != a.shape:
             raise MismatchError(
@@ -257,8 +259,6 @@ def make_plan(
 
     alphas = {}
     if rules:
-        from .rules import as_rules, resolve  # here, not at the top: rules -> norms -> executor -> plan
-
         rules = as_rules(rules)
         alphas = resolve(rules, [n for n, d in drafts.items() if d[2] == "extrapolate"], alpha)
     split = split_state_dict_into_shards_factory(
@@ -301,34 +301,6 @@ def _out_dtype(dtype: str | None) -> str | None:
     if key not in dtypes.CLI_NAMES:
         raise OptionError(f"dtype {dtype!r} is not one of bf16, fp16, fp32")
     return dtypes.CLI_NAMES[key]
-
-
-def _shared_names(sft: Checkpoint, aligned: Checkpoint) -> list[str]:
-    """Names on both sides, in the aligned checkpoint's order; any other name is an error unless it is a tie.
-
-    A tie is a name on one side only whose bytes are another tensor's (a `.bin` saved with tied embeddings holds
-    `lm_head.weight` as a view of `model.embed_tokens.weight`; save_pretrained's safetensors drop it). It is left
-    out of the output, as save_pretrained does.
-    """
-    only_sft = _untied_extras(sft, aligned)
-    only_aligned = _untied_extras(aligned, sft)
-    if only_sft or only_aligned:
-        parts = []
-        if only_sft:
-            parts.append(f"{len(only_sft)} only in the SFT checkpoint (first: {', '.join(only_sft[:5])})")
-        if only_aligned:
-            parts.append(f"{len(only_aligned)} only in the aligned checkpoint (first: {', '.join(only_aligned[:5])})")
-        raise MismatchError(
-            "the checkpoints hold different tensors: " + "; ".join(parts)
-            + ". ExPO needs an SFT checkpoint and an aligned checkpoint trained from it"
-        )
-    return [n for n in aligned.tensors if n in sft.tensors]
-
-
-def _untied_extras(ck: Checkpoint, other: Checkpoint) -> list[str]:
-    """Names in `ck` but not in `other` that are not ties to a name both sides share."""
-    shared = {(t.file, t.offset, t.nbytes) for n, t in ck.tensors.items() if n in other.tensors}
-    return [n for n, t in ck.tensors.items() if n not in other.tensors and (t.file, t.offset, t.nbytes) not in shared]
 
 
 def _action(name: str, s: TensorSlot, a: TensorSlot, out_float: str | None) -> tuple[str, str]:

@@ -29,7 +29,7 @@ import re
 from dataclasses import dataclass
 
 from .errors import OptionError
-from .norms import KINDS, classify
+from .naming import KINDS, classify
 
 EMBEDDINGS = "embeddings"  # the kind that stands for embed + head: those tensors can stay as aligned with 0
 RULE_KINDS = [*KINDS, EMBEDDINGS]

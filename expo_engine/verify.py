@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 from . import dtypes, kernels
 from .errors import FormatError, MismatchError, OptionError, SourceError
-from .executor import _Buffers, _Inputs, direct_io, read_ahead
-from .plan import _shared_names, check_alpha
+from .naming import shared_names
+from .plan import check_alpha
+from .reading import Buffers, Inputs, direct_io, hash_range, read_ahead
 from .sources import (
     SAFETENSORS_INDEX,
     SAFETENSORS_SINGLE,
@@ -33,7 +34,7 @@ from .sources import (
     read_safetensors_layout,
     read_safetensors_metadata,
 )
-from .writer import PROVENANCE_NAME, hash_fd
+from .writer import PROVENANCE_NAME
 
 MAX_LISTED = 20  # problems and failing tensors shown by format_report
 
@@ -287,7 +288,7 @@ def _check_checksums(out: str, provenance: dict | None, problems: list[str]) -> 
 
 def _sha256(path: str) -> str:
     with open(path, "rb") as f:
-        return hash_fd(f.fileno()).hexdigest()
+        return hash_range(f.fileno()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -298,7 +299,7 @@ def _check_elements(slots, sft, aligned, alpha, sample, seed, chunk_bytes, probl
     """Return (elements checked, worst steps, failing tensors) for the output tensors in `slots`."""
     import torch
 
-    shared = _shared_names(sft, aligned)  # the names an output of these sources holds; raises MismatchError
+    shared = shared_names(sft, aligned)  # the names an output of these sources holds; raises MismatchError
     names = {s.name for s in slots}
     extra = sorted(names - set(shared))
     if extra:
@@ -327,9 +328,9 @@ def _check_elements(slots, sft, aligned, alpha, sample, seed, chunk_bytes, probl
         chunks = [chunks[k] for k in sorted(picked)]
 
     stats = [[0.0, 0] for _ in work]  # per tensor: worst steps, elements off by more than one step
-    inputs = _Inputs([t.file for o, s, a, copied in work for t in (o, a) + (() if copied else (s,))],
+    inputs = Inputs([t.file for o, s, a, copied in work for t in (o, a) + (() if copied else (s,))],
                      direct=direct_io())
-    sets = [_Buffers(chunk_bytes) for _ in range(2)]  # one set is read (O_DIRECT where allowed) while one is checked
+    sets = [Buffers(chunk_bytes) for _ in range(2)]  # one set is read (O_DIRECT where allowed) while one is checked
 
     def read(k: int):
         i, start, stop = chunks[k]

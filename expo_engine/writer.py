@@ -20,21 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 from .errors import FormatError, OutputError
 from .ownership import OutputLock, old_path, require_owner, staging_path, temp_paths
 from .plan import INDEX_NAME, Plan, Unit
+from .reading import ALIGN, direct_io, hash_range, pwrite_all
 from .sources import SIDE_FILE_PATTERNS, Checkpoint
 
 PROVENANCE_NAME = "expo.json"
 JOURNAL_NAME = ".expo-journal.jsonl"
 CARD_NAME = "README.md"
-ALIGN = 4096  # O_DIRECT: buffer address, file offset and length in multiples of this
-
-
-def direct_io() -> bool:
-    """Read inputs and write shards with O_DIRECT unless EXPO_BUFFERED_IO=1. Measured here: page-cache reads cost
-    twice the kernel CPU time (4.7 vs 2.4 s for a 4 GB pair), and buffered writes of 2 GB cost 3.8 s of system CPU
-    against 0.1 s with O_DIRECT; a model read or written once gains nothing from the page cache."""
-    return os.environ.get("EXPO_BUFFERED_IO") != "1"
-
-
 _bounce = threading.local()  # per writer thread: one page-aligned buffer for O_DIRECT writes, reused
 
 
@@ -171,7 +162,7 @@ class Staging:
                 fd = os.open(os.path.join(self.dir, shard.filename), flags, 0o644)
                 self._fds[shard.filename] = fd
                 _preallocate(fd, shard.size, shard.filename)
-                _pwrite_all(fd, shard.header, 0)
+                pwrite_all(fd, shard.header, 0)
                 self._hashes[shard.filename] = hashlib.sha256(shard.header)
                 self._next[shard.filename] = len(shard.header)
             if self.journal_key and not self.resumed:  # after the space is reserved: a full disk fails there
@@ -201,7 +192,7 @@ class Staging:
         """Continue `shard` at `offset`: the bytes before it are kept from the earlier run (hashed again from disk, so
         the shard's checksum is still computed on the fly for the rest). Call before direct_writes()."""
         fd = self._fds[shard]
-        self._hashes[shard] = hash_fd(fd, offset)
+        self._hashes[shard] = hash_range(fd, 0, offset)
         self._next[shard] = offset
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -304,7 +295,7 @@ class Staging:
                 self._write_direct(shard, offset, data)
             else:
                 self._flush_carry(shard)  # out of order: page-cache writes from here on
-                _pwrite_all(fd, data, offset)
+                pwrite_all(fd, data, offset)
                 # Starts writeback of these pages now (Linux: DONTNEED on dirty pages queues them for writing) so
                 # the disk writes while the next chunks are computed, instead of all at the final fsync.
                 os.posix_fadvise(fd, offset, len(data), os.POSIX_FADV_DONTNEED)
@@ -351,7 +342,7 @@ class Staging:
         if shard in self._direct:
             start, carry = self._carry.pop(shard)
             os.close(self._direct.pop(shard))
-            _pwrite_all(self._fds[shard], carry, start)
+            pwrite_all(self._fds[shard], carry, start)
 
     def flush(self) -> None:
         """Write every carried tail, so that the shards on disk hold every byte written so far (before they are
@@ -378,7 +369,7 @@ class Staging:
             except OSError as e:
                 raise write_error(e, os.path.join(self.dir, shard.filename)) from None
             if self._next[shard.filename] != shard.size:
-                self._hashes[shard.filename] = hash_fd(fd)
+                self._hashes[shard.filename] = hash_range(fd)
             checksums[shard.filename] = {"size": shard.size, "sha256": self._hashes[shard.filename].hexdigest()}
         for name, data in side.items():
             checksums[name] = self._put(name, data)
@@ -488,23 +479,6 @@ def _preallocate(fd: int, size: int, name: str) -> None:
         if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
             raise
         os.ftruncate(fd, size)
-
-
-def _pwrite_all(fd: int, data, offset: int) -> None:
-    view = memoryview(data).cast("B")
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
-
-
-def hash_fd(fd: int, stop: int | None = None):
-    """sha256 of an open file's first `stop` bytes (all of it by default), read in 16 MiB pieces."""
-    h, offset = hashlib.sha256(), 0
-    while (stop is None or offset < stop) and (
-            block := os.pread(fd, 16 << 20 if stop is None else min(16 << 20, stop - offset), offset)):
-        h.update(block)
-        offset += len(block)
-    return h
 
 
 def _set_config_dtype(data: bytes, torch_dtype: str, path: str) -> bytes:

@@ -197,13 +197,13 @@ def test_direct_and_buffered_reads_give_the_same_exact_output(pairs, tmp_path, m
     than the chunk): reads of whole 4 KiB blocks around unaligned tensor offsets and writes of whole blocks
     with the tail carried to the next write (O_DIRECT), or page-cache I/O with EXPO_BUFFERED_IO=1; both give
     the same bytes, on safetensors and `.bin` inputs, in several shards whose headers end mid-block."""
-    import expo_engine.executor as ex
+    import json
+
+    import expo_engine.reading as reading
     from expo_engine.writer import Staging
 
-    calls, writes = [], []
-    monkeypatch.setattr(ex, "resident_fraction", lambda *a: 0.0)  # as if nothing were cached: O_DIRECT reads
-    real = ex._Inputs._read_direct
-    monkeypatch.setattr(ex._Inputs, "_read_direct", lambda self, *a: calls.append(a[1].name) or real(self, *a))
+    writes = []
+    monkeypatch.setattr(reading, "resident_fraction", lambda *a: 0.0)  # as if nothing were cached: O_DIRECT reads
     real_write = Staging._write_direct
     monkeypatch.setattr(Staging, "_write_direct", lambda self, *a: writes.append(a[0]) or real_write(self, *a))
     if buffered:
@@ -212,7 +212,9 @@ def test_direct_and_buffered_reads_give_the_same_exact_output(pairs, tmp_path, m
     out = str(tmp_path / "out")
     extrapolate(p.sft, p.aligned, 0.7, out, chunk_bytes=chunk, max_shard_size="30KB")
     assert worst_steps(load_output(out), p.sft_state, p.aligned_state, 0.7) <= 1
-    assert bool(calls) != buffered
+    with open(os.path.join(out, "expo.json")) as f:
+        reads = json.load(f)["reads"]
+    assert (reads["direct_bytes"] > 0) != buffered and reads["page_cache_bytes"] + reads["direct_bytes"] > 0
     assert bool(writes) != buffered and (buffered or len(set(writes)) > 1)
     assert verify(out).ok  # every shard's bytes against the sha256 computed while writing, headers, index
     monkeypatch.delenv("EXPO_BUFFERED_IO", raising=False)
@@ -224,8 +226,12 @@ def test_direct_and_buffered_reads_give_the_same_exact_output(pairs, tmp_path, m
     for f in shards:
         with open(os.path.join(out, f), "rb") as a, open(os.path.join(other, f), "rb") as b:
             assert a.read() == b.read(), f
-    if calls:
-        assert "model.embed_tokens.weight" in calls  # 8 KiB tensors: read around their unaligned offsets
+    if not buffered:  # 8 KiB tensors: read around their unaligned offsets
+        from expo_engine.sources import open_checkpoint
+
+        for side in (p.sft, p.aligned):
+            file = open_checkpoint(side).tensors["model.embed_tokens.weight"].file
+            assert reads["files"][file]["direct_bytes"] >= 8192, reads["files"][file]
 
 
 @pytest.mark.skipif(not no_gpu_here(), reason="this machine has GPU device nodes: `--device auto` asks torch")
@@ -252,19 +258,19 @@ def test_direct_reads_fit_the_buffer_at_every_address_and_offset(tmp_path):
     bytes come back right, whether the read goes direct or (where it would not fit) through the page cache."""
     import numpy as np
 
-    from expo_engine.executor import ALIGN, _Buffers, _Inputs
+    from expo_engine.reading import ALIGN, Buffers, Inputs
     from expo_engine.sources import TensorSlot
 
     data = os.urandom(64 << 10)
     path = str(tmp_path / "weights.bin")
     with open(path, "wb") as f:
         f.write(data)
-    inputs = _Inputs([path], direct=True)
+    inputs = Inputs([path], direct=True)
     try:
         if path not in inputs.direct:
             pytest.skip("this filesystem refuses O_DIRECT")
         chunk = 10_002
-        size = len(_Buffers(chunk).sft)
+        size = len(Buffers(chunk).sft)
         raw = np.empty(size + ALIGN, dtype=np.uint8)
         shifts = [(s - raw.ctypes.data) % ALIGN for s in range(0, ALIGN, 2)]  # every even address mod 4 KiB
         for shift in shifts[::64] + [(-raw.ctypes.data + 2) % ALIGN, (-raw.ctypes.data - 2) % ALIGN]:

@@ -138,7 +138,8 @@ def test_norms_from_output_cli(pair, tmp_path, capsys):
     with open(js) as f:
         pairs = json.load(f)["pairs"]
     reports = from_output(out)
-    assert [p["total"]["n"] for p in pairs] == [r.aggregates()["total"]["n"] for r in reports]
+    n = sum(t.numel() for t in pair.aligned_state.values())  # every element of the model, counted apart
+    assert [p["total"]["n"] for p in pairs] == [n, n] == [r.aggregates()["total"]["n"] for r in reports]
     # the applied update is alpha times the change, up to the output's rounding
     ratio = pairs[1]["total"]["fro"] / pairs[0]["total"]["fro"]
     assert math.isclose(ratio, 0.3, rel_tol=0.05)

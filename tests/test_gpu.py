@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from expo_engine import dtypes, gpu
 from expo_engine.errors import OptionError
-from expo_engine.executor import _Inputs, direct_io, input_paths, run_chunks
+from expo_engine.executor import run_chunks
 from expo_engine.kernels import (
     Stats,
     error_steps,
@@ -35,6 +35,7 @@ from expo_engine.kernels import (
     extrapolate_chunk_stats_torch,
 )
 from expo_engine.plan import make_plan
+from expo_engine.reading import Inputs, direct_io, input_paths
 from expo_engine.sources import open_checkpoint
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -139,7 +140,7 @@ def run_collect(sft: str, aligned: str, alpha: float, chunk_bytes: int, runner, 
         shards[t.shard][offset:offset + len(data)] = bytes(data)
         order.append(index[(plan.tensors.index(t), c.start)])
 
-    inputs = _Inputs(input_paths(plan), direct=direct_io())
+    inputs = Inputs(input_paths(plan), direct=direct_io())
     try:
         found = runner(plan, plan.chunks, inputs, write, stats, **kw)
     finally:
@@ -363,7 +364,7 @@ def test_pipeline_surfaces_a_failed_write(disk_pair):
         if len(calls) == 5:
             raise OSError("disk full")
 
-    inputs = _Inputs(input_paths(plan))
+    inputs = Inputs(input_paths(plan))
     try:
         with pytest.raises(OSError, match="disk full"):
             gpu.run_chunks_cuda(plan, plan.chunks, inputs, write, device="cpu")

@@ -27,11 +27,20 @@ def _cpu_has_avx2() -> bool:
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64" or not _cpu_has_avx2(), reason="the tuned kernel is for AVX2 CPUs")
-def test_compiled_kernel_is_built_and_used():
+def test_compiled_kernel_is_built_and_used(pair, tmp_path):
     """On an AVX2 machine (CI's) the install must have built the kernel: otherwise the engine silently runs ~3x
-    slower statistics on torch ops. Elsewhere (no compiler, another CPU) it skips unless EXPO_REQUIRE_NATIVE=1."""
+    slower statistics on torch ops. Elsewhere (no compiler, another CPU) it skips unless EXPO_REQUIRE_NATIVE=1.
+    Built is not enough: a real run must say in its expo.json that the compiled kernel did the arithmetic."""
+    import json
+
+    from expo_engine import extrapolate
+
     if kernels.native_kernel() != "avx2":
         require_native(f"the compiled AVX2 kernel is not in use here (kernel: {kernels.native_kernel()})")
+    out = str(tmp_path / "out")
+    extrapolate(pair.sft, pair.aligned, 0.3, out)
+    with open(f"{out}/expo.json") as f:
+        assert json.load(f)["cpu_kernel"] == "compiled (avx2)"
 
 
 def _special(dtype: torch.dtype) -> torch.Tensor:
@@ -229,8 +238,12 @@ def test_a_stale_compiled_kernel_falls_back_to_torch(monkeypatch):
     update) must not break `import expo_engine`: the loader returns None and torch ops do the work."""
     import ctypes
 
-    monkeypatch.setattr(ctypes, "CDLL", lambda path: object())
+    if kernels.native_kernel() is None:
+        require_native("no compiled kernel here, so there is no stale one to fall back from")
+    loaded = []
+    monkeypatch.setattr(ctypes, "CDLL", lambda path: loaded.append(path) or object())
     assert kernels._load_native() is None
+    assert loaded and loaded[0].endswith(".so"), loaded  # the built library was found and opened, then refused
 
 
 def _outputs_to_check(s, a, alpha, do, seed):
@@ -268,9 +281,13 @@ def test_compiled_checker_agrees_with_torch_error_steps(impls, ds, da, do):
 
 
 def test_checker_falls_back_to_torch_without_the_kernel(monkeypatch):
+    """Without the kernel, torch ops count the same errors as the compiled checker did (which must be there to
+    give the answer to compare with)."""
+    if kernels.native_kernel() is None:
+        require_native("the compiled checker is not built here: nothing to compare the fallback with")
     s, a = _data(1000, torch.bfloat16, torch.bfloat16, 3)
     out = _outputs_to_check(s, a, 0.3, torch.bfloat16, 3)[1]
-    want = kernels.error_counts(out, s, a, 0.3)
+    want = kernels.error_counts(out, s, a, 0.3)  # the compiled checker
     monkeypatch.setattr(kernels, "_NATIVE", None)
     assert kernels.error_counts(out, s, a, 0.3) == want and want[1] > 0
 

@@ -13,7 +13,8 @@ import torch
 
 from expo_engine import norms
 from expo_engine.cli import main
-from expo_engine.norms import chunk_stats, classify, reference_stats
+from expo_engine.naming import classify
+from expo_engine.norms import chunk_stats, reference_stats
 
 
 @pytest.mark.parametrize("da,db", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),

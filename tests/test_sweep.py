@@ -11,7 +11,7 @@ from helpers import load_output, worst_steps
 from test_errors import cli_args, make_pair, refused, run_cli, unchanged
 from test_nonfinite import UP, _overflowing
 
-import expo_engine.executor as ex
+import expo_engine.reading as reading
 from expo_engine import OptionError, extrapolate, extrapolate_sweep
 from expo_engine.cli import main
 from expo_engine.errors import NonFiniteError
@@ -28,8 +28,8 @@ def _files(folder: str) -> dict[str, bytes]:
 
 def _count_reads(monkeypatch) -> list:
     calls = []
-    real = ex._Inputs.read_into
-    monkeypatch.setattr(ex._Inputs, "read_into", lambda self, buf, slot, start, stop:
+    real = reading.Inputs.read_into
+    monkeypatch.setattr(reading.Inputs, "read_into", lambda self, buf, slot, start, stop:
                         calls.append((slot.file, slot.name, start, stop)) or real(self, buf, slot, start, stop))
     return calls
 
