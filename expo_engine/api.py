@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import resource
 import sys
@@ -288,7 +289,7 @@ def _execute(job: Job, started: float, *, stats, executor, workers, ray_address,
                 if staging.note:
                     say(staging.note)
             try:
-                done = execute_sweep(list(plans), stagings, units, on_progress, stats=stats, device=dev)
+                done = execute_sweep(list(plans), stagings, units, on_progress, stats=stats, run=_on(dev))
             except KeyboardInterrupt:
                 for staging in stagings:
                     staging.keep = True
@@ -337,6 +338,15 @@ def _execute(job: Job, started: float, *, stats, executor, workers, ray_address,
         device=device_name,
         notes=notes,
     ) for out_path, p, fs, w in zip(job.outs, plans, files, warnings, strict=True)]
+
+
+def _on(dev):
+    """The compute step for a CUDA device (None: the CPU pipeline of the executor)."""
+    if dev is None:
+        return None
+    from .gpu import run_chunks_cuda
+
+    return functools.partial(run_chunks_cuda, device=dev)
 
 
 def choose_device(device: str, kind: str, outputs: int):

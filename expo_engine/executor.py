@@ -134,7 +134,8 @@ class Done:
 
 
 def execute_sweep(plans: list[Plan], stagings: list[Staging], units: tuple[Unit, ...],
-                  on_progress: Callable[[int], None] | None = None, stats: bool = True, device=None) -> Done:
+                  on_progress: Callable[[int], None] | None = None, stats: bool = True,
+                  run: Callable | None = None) -> Done:
     """Compute every chunk of the plans and write plans[j] into stagings[j], from one read of the inputs (an alpha
     sweep: the plans differ only in their alphas; one plan for a single run). Raises InputChangedError if an
     input moved.
@@ -143,8 +144,8 @@ def execute_sweep(plans: list[Plan], stagings: list[Staging], units: tuple[Unit,
     resumed staging folder (of every output) already journaled, counted from each shard's start, are kept and
     only the rest is read, computed and written. With `stats`, the fused kernel also returns, per extrapolated
     tensor, the statistics of the change (aligned - sft) and of the applied update (out - aligned), from the same
-    pass over the data. With a CUDA `device` (a torch.device) the arithmetic runs there (gpu.run_chunks_cuda);
-    reading and writing stay here.
+    pass over the data. `run(plan, chunks, inputs, write, stats)` computes one alpha elsewhere (the api passes
+    gpu.run_chunks_cuda bound to a GPU); reading and writing stay here.
     """
     check_same_layout(plans)
     plan = plans[0]
@@ -179,12 +180,10 @@ def execute_sweep(plans: list[Plan], stagings: list[Staging], units: tuple[Unit,
     writes = [writer(s, j == 0) for j, s in enumerate(stagings)]
     inputs = Inputs(input_paths(plan), direct=direct_io())
     try:
-        if device is not None and device.type == "cuda":
+        if run is not None:
             if len(plans) > 1:
-                raise ValueError("the CUDA path runs one alpha at a time")
-            from .gpu import run_chunks_cuda  # here: gpu imports this module
-
-            new = [run_chunks_cuda(plan, chunks, inputs, writes[0], stats, device=device)]
+                raise ValueError("another compute path runs one alpha at a time")
+            new = [run(plan, chunks, inputs, writes[0], stats)]
         else:
             new = run_sweep_chunks(plans, chunks, inputs, writes, stats)
         for staging in stagings:

@@ -12,8 +12,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-from helpers import copy_tree
-from test_errors import assert_user_error
+from helpers import assert_user_error, copy_tree
 
 from expo_engine import cli, extrapolate, norms
 from expo_engine.cli import main

@@ -232,11 +232,12 @@ def test_bad_distribution_options(pair, tmp_path, capsys, args, message):
 @pytest.mark.parametrize("stats", [True, False])
 def test_nonfinite_checks_cover_ray_units(cluster, tmp_path, stats):
     """Overflow from finite inputs is an error on Ray too (units' flags reach the driver); nothing is published."""
-    from test_nonfinite import UP, _overflowing
+    from helpers import OVERFLOWING as UP
+    from helpers import overflowing
 
     from expo_engine.errors import NonFiniteError
 
-    sft, aligned = _overflowing(tmp_path)
+    sft, aligned = overflowing(tmp_path)
     out = str(tmp_path / "out")
     with pytest.raises(NonFiniteError, match=UP):
         extrapolate(sft, aligned, 1.0, out, executor="ray", stats=stats, **SMALL)

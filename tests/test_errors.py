@@ -9,184 +9,43 @@ from __future__ import annotations
 
 import builtins
 import collections
-import contextlib
-import hashlib
 import io
-import json
 import os
 import pickle
 import struct
 import subprocess
 import sys
-import traceback
 import zipfile
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from helpers import (
+    CONFIG,
+    HIDDEN,
+    LAYERS,
+    SHARDS,
+    ST_INDEX,
+    VOCAB,
+    aligned_from,
+    assert_user_error,
+    cli_args,
+    leftovers,
+    make_pair,
+    read_json,
+    refused,
+    run_cli,
+    safetensors_bytes,
+    snapshot,
+    tiny_state,
+    unchanged,
+    write_bytes,
+    write_checkpoint,
+    write_json,
+)
+from safetensors.torch import load_file
 
 import expo_engine
-from expo_engine.cli import main
 from expo_engine.writer import check_output_path
-
-HIDDEN, VOCAB, LAYERS = 8, 128, 8
-SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
-ST_INDEX = "model.safetensors.index.json"
-CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "bfloat16"}
-
-# ---------------------------------------------------------------------------------------------------------------
-# Helpers: tiny checkpoints
-
-
-def tiny_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    """A Llama-shaped state dict of a few KB: embeddings, LAYERS small projections, a norm and an lm_head."""
-    g = torch.Generator().manual_seed(seed)
-    state = {"model.embed_tokens.weight": torch.randn(VOCAB, HIDDEN, generator=g)}
-    for i in range(LAYERS):
-        state[f"model.layers.{i}.mlp.up_proj.weight"] = torch.randn(HIDDEN, HIDDEN, generator=g)
-    state["model.norm.weight"] = torch.ones(HIDDEN)
-    state["lm_head.weight"] = torch.randn(VOCAB, HIDDEN, generator=g)
-    return {k: v.to(torch.bfloat16) for k, v in state.items()}
-
-
-def aligned_from(sft: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The "aligned" side: the SFT floats plus a small change; other tensors are identical copies."""
-    g = torch.Generator().manual_seed(99)
-    return {
-        k: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).to(v.dtype) if v.is_floating_point() else v.clone()
-        for k, v in sft.items()
-    }
-
-
-def write_checkpoint(folder, state: dict[str, torch.Tensor], layout: str = "safetensors"):
-    """Write `state` into `folder` with a config.json: "safetensors" (one file), "sharded" (two + index) or "bin"."""
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(CONFIG, f)
-    state = {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
-    if layout == "safetensors":
-        save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-    elif layout == "sharded":
-        names = list(state)
-        parts = {SHARDS[0]: names[: len(names) // 2], SHARDS[1]: names[len(names) // 2:]}
-        for file, part in parts.items():
-            save_file({n: state[n] for n in part}, os.path.join(folder, file), metadata={"format": "pt"})
-        weight_map = {n: file for file, part in parts.items() for n in part}
-        write_json(os.path.join(folder, ST_INDEX), {"metadata": {"total_size": 0}, "weight_map": weight_map})
-    elif layout == "bin":
-        torch.save(state, os.path.join(folder, "pytorch_model.bin"))
-    else:
-        raise ValueError(layout)
-    return folder
-
-
-def make_pair(root, sft_edit=None, aligned_edit=None, sft_layout="safetensors", aligned_layout="safetensors"):
-    """Write an SFT/aligned pair under root/sft and root/aligned; each edit may change its side's state dict."""
-    sft = tiny_state()
-    aligned = aligned_from(sft)
-    if sft_edit:
-        sft_edit(sft)
-    if aligned_edit:
-        aligned_edit(aligned)
-    return (write_checkpoint(os.path.join(root, "sft"), sft, sft_layout),
-            write_checkpoint(os.path.join(root, "aligned"), aligned, aligned_layout))
-
-
-def write_json(path, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f)
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def safetensors_bytes(header, data: bytes = b"") -> bytes:
-    """A safetensors file by hand: 8-byte little-endian header length, the header (JSON or raw bytes), data."""
-    body = header if isinstance(header, bytes) else json.dumps(header).encode()
-    return struct.pack("<Q", len(body)) + body + data
-
-
-def write_bytes(path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Helpers: running the CLI and checking a refusal
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    """`expo extrapolate ARGS` in-process: (exit status, stdout, stderr), as a real process would report them."""
-    tb = ""
-    try:
-        rc = main(["extrapolate", *map(str, args)])
-    except SystemExit as e:  # argparse
-        rc = e.code
-    except Exception:  # what the interpreter would print, and its exit status
-        rc, tb = 1, traceback.format_exc()
-    captured = capsys.readouterr()
-    return rc, captured.out, captured.err + tb
-
-
-def cli_args(sft, aligned, out, *extra, alpha="0.5") -> list[str]:
-    return ["--sft", sft, "--aligned", aligned, "--alpha", alpha, "--out", out, *extra]
-
-
-def snapshot(root) -> dict[str, str]:
-    """Everything under root: sha256 and mtime of every file, every folder, every link target."""
-    seen = {}
-    for folder, dirs, files in os.walk(root):
-        for name in dirs + files:
-            path = os.path.join(folder, name)
-            rel = os.path.relpath(path, root)
-            if os.path.islink(path):
-                seen[rel] = "link -> " + os.readlink(path)
-            elif os.path.isdir(path):
-                seen[rel] = "dir"
-            else:
-                with open(path, "rb") as f:
-                    seen[rel] = f"{hashlib.sha256(f.read()).hexdigest()} mtime {os.stat(path).st_mtime_ns}"
-    return seen
-
-
-def leftovers(out) -> list[str]:
-    """The engine's temporary folders beside `out`, if any survived."""
-    parent, name = os.path.split(os.path.abspath(out))
-    return [p for p in (f".{name}.expo-staging", f".{name}.expo-old", f".{name}.expo-lock")
-            if os.path.lexists(os.path.join(parent, p))]
-
-
-def assert_user_error(rc: int, err: str, *needles) -> str:
-    """Exit status 2 and exactly one stderr line `expo: error: ...` that names every needle. Returns that line."""
-    assert "Traceback" not in err, err
-    assert rc == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
-    assert lines[0].startswith("expo: error: "), err
-    for needle in needles:
-        assert str(needle) in lines[0], f"{needle!r} not in {lines[0]!r}"
-    return lines[0]
-
-
-@contextlib.contextmanager
-def unchanged(root, out=None):
-    """Assert that nothing under root changed (inputs byte-identical, nothing created) and that `out` is absent."""
-    before = snapshot(root)
-    yield
-    if out is not None:
-        assert not os.path.lexists(out), f"{out} was created"
-        assert not leftovers(out), leftovers(out)
-    assert snapshot(root) == before
-
-
-def refused(capsys, root, args, *needles, out=None) -> str:
-    """Run the CLI with `args`, assert a user error naming `needles` and that nothing under root changed."""
-    with unchanged(root, out):
-        rc, _, err = run_cli(capsys, *args)
-    return assert_user_error(rc, err, *needles)
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # 1-4: the checkpoints do not match

@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from test_errors import assert_user_error, cli_args, leftovers, make_pair, unchanged
+from helpers import assert_user_error, cli_args, leftovers, make_pair, unchanged
 
 from expo_engine import extrapolate
 from expo_engine.errors import InputChangedError, OutputError

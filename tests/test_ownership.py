@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from test_errors import assert_user_error, leftovers, make_pair
+from helpers import assert_user_error, leftovers, make_pair
 
 from expo_engine import verify
 from expo_engine.ownership import OutputLock, lock_path, old_path, staging_path

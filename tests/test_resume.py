@@ -14,8 +14,8 @@ import sys
 
 import pytest
 import torch
+from helpers import leftovers
 from safetensors.torch import save_file
-from test_errors import leftovers
 
 from expo_engine import verify
 from expo_engine.plan import make_plan, make_units

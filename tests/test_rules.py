@@ -8,8 +8,7 @@ import os
 
 import pytest
 import torch
-from helpers import load_output, worst_steps
-from test_errors import LAYERS, cli_args, make_pair, refused, run_cli, unchanged
+from helpers import LAYERS, cli_args, load_output, make_pair, refused, run_cli, unchanged, worst_steps
 
 from expo_engine import OptionError, extrapolate, extrapolate_sweep, make_plan, open_checkpoint
 from expo_engine.rules import load_rules, parse_rule, resolve

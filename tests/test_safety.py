@@ -15,15 +15,12 @@ import os
 import shutil
 import subprocess
 import sys
-import traceback
 
 import pytest
 import torch
-from helpers import fake_hub_repo, load_output
+from helpers import fake_hub_repo, load_output, run_expo, snapshot
 from safetensors.torch import save_file
-from test_errors import snapshot
 
-from expo_engine.cli import main
 from expo_engine.errors import SourceError
 from expo_engine.sources import check_in_folder, open_checkpoint
 
@@ -83,19 +80,6 @@ def move_out(folder: str, name: str, elsewhere: str) -> str:
     dest = os.path.join(elsewhere, name)
     shutil.move(os.path.join(folder, name), dest)
     return dest
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    """`expo ARGS` in-process: (exit status, stdout, stderr), as a real process would report them."""
-    tb = ""
-    try:
-        rc = main([*map(str, args)])
-    except SystemExit as e:
-        rc = e.code
-    except Exception:  # what the interpreter would print
-        rc, tb = 1, traceback.format_exc()
-    captured = capsys.readouterr()
-    return rc, captured.out, captured.err + tb
 
 
 def extrapolate_args(sft, aligned, out) -> list[str]:
@@ -197,7 +181,7 @@ def test_weight_file_linking_out_of_the_folder_is_refused(tmp_path, capsys, monk
     out = tmp_path / "out"
     before = snapshot(tmp_path)
     opened = spy_on_opens(monkeypatch)
-    rc, stdout, err = run_cli(capsys, *extrapolate_args(sft, aligned, out))
+    rc, stdout, err = run_expo(capsys, *extrapolate_args(sft, aligned, out))
     monkeypatch.undo()
     assert_one_error_line(rc, err, os.path.join(folder, name), f"to {target}", WHAT_TO_DO)
     assert stdout == ""
@@ -236,7 +220,7 @@ def test_side_file_linking_out_of_the_folder_is_refused(tmp_path, capsys, monkey
     out = tmp_path / "out"
     before = snapshot(tmp_path)
     opened = spy_on_opens(monkeypatch)
-    rc, _, err = run_cli(capsys, *extrapolate_args(sft, aligned, out))
+    rc, _, err = run_expo(capsys, *extrapolate_args(sft, aligned, out))
     monkeypatch.undo()
     assert_one_error_line(rc, err, os.path.join(folder, name), f"to {target}", WHAT_TO_DO)
     assert target not in opened
@@ -269,9 +253,9 @@ def test_links_inside_the_folder_are_accepted(tmp_path, capsys, aligned_layout):
     linked = [shutil.copytree(p, str(tmp_path / "linked" / os.path.basename(p))) for p in plain]
     for folder in linked:
         _relink_inside(folder)
-    rc, _, err = run_cli(capsys, *extrapolate_args(*plain, tmp_path / "out-plain"))
+    rc, _, err = run_expo(capsys, *extrapolate_args(*plain, tmp_path / "out-plain"))
     assert rc == 0, err
-    rc, _, err = run_cli(capsys, *extrapolate_args(*linked, tmp_path / "out-linked"))
+    rc, _, err = run_expo(capsys, *extrapolate_args(*linked, tmp_path / "out-linked"))
     assert rc == 0, err
     want, got = load_output(str(tmp_path / "out-plain")), load_output(str(tmp_path / "out-linked"))
     assert want.keys() == got.keys() and all(torch.equal(want[n], got[n]) for n in want)

@@ -244,7 +244,7 @@ class FakeHub:
 
 def test_unreachable_hub_is_a_source_error(pair, tmp_path, monkeypatch, capsys):
     import huggingface_hub
-    from test_errors import assert_user_error, run_cli
+    from helpers import assert_user_error, run_cli
 
     def unreachable(*args, **kwargs):
         raise _connect_error()

@@ -7,9 +7,8 @@ import os
 
 import pytest
 import torch
-from helpers import load_output, worst_steps
-from test_errors import cli_args, make_pair, refused, run_cli, unchanged
-from test_nonfinite import UP, _overflowing
+from helpers import OVERFLOWING as UP
+from helpers import cli_args, load_output, make_pair, overflowing, refused, run_cli, unchanged, worst_steps
 
 import expo_engine.reading as reading
 from expo_engine import OptionError, extrapolate, extrapolate_sweep
@@ -161,7 +160,7 @@ def test_sweeps_on_ray_are_refused_clearly(tmp_path, capsys, args):
 def test_overflow_at_one_alpha_publishes_no_output(tmp_path):
     """Non-finite checks run per alpha: alpha 1 overflows fp16 in one element, alpha 0.01 does not; the error
     names the alpha, and neither output is published."""
-    sft, aligned = _overflowing(tmp_path)
+    sft, aligned = overflowing(tmp_path)
     out = tmp_path / "sweep"
     with unchanged(tmp_path), pytest.raises(NonFiniteError) as e:
         extrapolate_sweep(sft, aligned, [0.01, 1.0], str(out))
