@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -68,6 +69,18 @@ def _digests(folder: str) -> dict[str, str]:
     return out
 
 
+def _stats(folder: str) -> dict:
+    """Every number of expo.json's statistics, per tensor and in total, flattened."""
+    with open(os.path.join(folder, "expo.json")) as f:
+        stats = json.load(f)["stats"]
+    flat = {}
+    for which in ("delta", "update"):
+        flat |= {(which, "total", k): v for k, v in stats[which]["total"].items()}
+        for name, st in stats[which]["tensors"].items():
+            flat |= {(which, name, k): float(v) for k, v in st.items()}
+    return flat
+
+
 @pytest.fixture(scope="module")
 def reference(big_pair):
     sft, aligned, root = big_pair
@@ -122,6 +135,13 @@ def test_sigkill_then_the_same_command_resumes_exactly(big_pair, reference, tmp_
     assert _digests(out) == _digests(ref)
     report = verify(out, sft, aligned)
     assert report.ok and report.elements_checked == report.elements_total
+    # The statistics of the kept units come from the journal: the same sums, up to the order of float64 additions.
+    mine, theirs = (_stats(folder) for folder in (out, ref))
+    assert mine.keys() == theirs.keys() and mine
+    for key, value in theirs.items():
+        assert math.isclose(mine[key], value, rel_tol=1e-12, abs_tol=1e-300), key
+    with open(os.path.join(out, "expo.json")) as f:
+        assert json.load(f)["resumed"]["units"] == kept
 
     # Reads: the inputs of the missing units, plus the kept part of each shard read back to continue its checksum.
     kept_units = units[:kept]
