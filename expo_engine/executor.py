@@ -299,37 +299,51 @@ def _write_outputs(writes: list[Callable], ts: list[TensorPlan], c: Chunk, outs:
         write(t, c, memoryview(out), chunk_stats)
 
 
+def ring(n: int, read: Callable[[int], object], compute: Callable[[int, object], object],
+         finish: Callable[[int, object], None], prefetch: Callable[[int], None] | None = None) -> None:
+    """The overlapped pipeline, once for every compute path: for k = 0 .. n-1, `read(k)` on a reader thread,
+    `compute(k, read's result)` on the calling thread, `finish(k, compute's result)` on a writer thread, in order.
+    While k is computed, k + 1 is read and k - 1 finished. Step k uses buffer set k mod DEPTH: k + 1 is read only
+    once step k + 1 - DEPTH has finished with that set. `prefetch(k)` (optional) runs just before read(k - 1), so
+    the disk can fetch what k needs meanwhile. A failure in any stage stops the ring and is raised here."""
+    def read_next(k: int):
+        if prefetch and k + 1 < n:
+            prefetch(k + 1)
+        return read(k)
+
+    with ThreadPoolExecutor(1, "expo-read") as reader, ThreadPoolExecutor(1, "expo-write") as writer:
+        finishing = {}
+        pending = reader.submit(read_next, 0) if n else None
+        for k in range(n):
+            got = pending.result()
+            if k + 1 < n:
+                if k + 1 - DEPTH in finishing:  # that buffer set is free once its step has finished
+                    finishing.pop(k + 1 - DEPTH).result()
+                pending = reader.submit(read_next, k + 1)
+            finishing[k] = writer.submit(finish, k, compute(k, got))
+            for j in [j for j, f in finishing.items() if f.done()]:
+                finishing.pop(j).result()  # surfaces a failed write early
+        for f in finishing.values():
+            f.result()
+
+
 def _pipeline(plans, chunks, inputs, writes, stats, founds, sets):
     plan, last = plans[0], len(plans) - 1
-    with (ThreadPoolExecutor(1, "expo-read") as reader, ThreadPoolExecutor(1, "expo-write") as writer,
-          ThreadPoolExecutor(COMPUTE_THREADS, "expo-compute") as compute):
+    with ThreadPoolExecutor(COMPUTE_THREADS, "expo-compute") as pool:
 
-        def read(k: int):
-            c = chunks[k]
-            if k + 1 < len(chunks):  # let the kernel fetch the next chunk while this one is read and used
-                n = chunks[k + 1]
-                inputs.prefetch(plan.tensors[n.tensor], n)
-            return _read(inputs, plan.tensors[c.tensor], c, sets[k % DEPTH])
-
-        pending_writes = {}
-        pending = reader.submit(read, 0) if chunks else None
-        for k, c in enumerate(chunks):
-            s, a = pending.result()
-            nxt = k + 1
-            if nxt < len(chunks):
-                if nxt - DEPTH in pending_writes:  # that buffer set is free once its writes are done
-                    pending_writes.pop(nxt - DEPTH).result()
-                pending = reader.submit(read, nxt)
+        def compute(k: int, got):
+            s, a = got
+            c, bufs = chunks[k], sets[k % DEPTH]
             ts = [p.tensors[c.tensor] for p in plans]
-            bufs = sets[k % DEPTH]
             # Every output from the same input buffers; only the last may overwrite the aligned one, after the
             # others have read it.
-            outs = [_compute(t, s, a, bufs.outs[j], j == last, founds[j], stats, compute) for j, t in enumerate(ts)]
-            pending_writes[k] = writer.submit(_write_outputs, writes, ts, c, outs)
-            for j in [j for j, f in pending_writes.items() if f.done()]:
-                pending_writes.pop(j).result()  # surfaces a failed write early
-        for f in pending_writes.values():
-            f.result()
+            return ts, [_compute(t, s, a, bufs.outs[j], j == last, founds[j], stats, pool) for j, t in enumerate(ts)]
+
+        ring(len(chunks),
+             read=lambda k: _read(inputs, plan.tensors[chunks[k].tensor], chunks[k], sets[k % DEPTH]),
+             compute=compute,
+             finish=lambda k, done: _write_outputs(writes, done[0], chunks[k], done[1]),
+             prefetch=lambda k: inputs.prefetch(plan.tensors[chunks[k].tensor], chunks[k]))
 
 
 def _read(inputs: Inputs, t: TensorPlan, c: Chunk, bufs: Buffers):

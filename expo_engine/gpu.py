@@ -26,12 +26,12 @@ import functools
 import math
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from . import dtypes, kernels
 from .errors import OptionError
+from .executor import ring
 from .plan import Chunk, Plan, TensorPlan
 from .reading import ALIGN, DEPTH
 
@@ -383,48 +383,38 @@ def run_chunks_cuda(plan: Plan, chunks, inputs, write: Callable[[TensorPlan, Chu
 
 
 def _pipeline(plan, chunks, inputs, write, stats, kernel, found, hosts, devs, streams):
-    with ThreadPoolExecutor(1, "expo-read") as reader, ThreadPoolExecutor(1, "expo-write") as writer:
+    def read(k: int):
+        c = chunks[k]
+        t, h = plan.tensors[c.tensor], hosts[k % DEPTH]
+        a = inputs.read_into(h.aligned, t.aligned, c.start, c.stop)
+        s = inputs.read_into(h.sft, t.sft, c.start, c.stop) if t.action == "extrapolate" else None
+        return s, a
 
-        def read(k: int):
-            c = chunks[k]
-            if k + 1 < len(chunks):
-                n = chunks[k + 1]
-                inputs.prefetch(plan.tensors[n.tensor], n)
-            t, h = plan.tensors[c.tensor], hosts[k % DEPTH]
-            a = inputs.read_into(h.aligned, t.aligned, c.start, c.stop)
-            s = inputs.read_into(h.sft, t.sft, c.start, c.stop) if t.action == "extrapolate" else None
-            return s, a
+    def compute(k: int, got):
+        """Queue the chunk's copies and kernel (returns at once); `finish` waits for them."""
+        s_h, a_h = got
+        t = plan.tensors[chunks[k].tensor]
+        if t.action == "copy":
+            return a_h, None, None
+        return _on_device(t, s_h, a_h, hosts[k % DEPTH], devs[k % DEVICE_SETS], kernel, streams)
 
-        def finish(t: TensorPlan, c: Chunk, out: torch.Tensor, done, sums: torch.Tensor | None) -> None:
-            if done is not None:
-                done.synchronize()
-            chunk_stats = None
-            if sums is not None:
-                delta, update = _to_stats(c.stop - c.start, sums.tolist())
-                if not stats:  # as run_chunks: only the count, and whether the output may hold NaN or Inf
-                    delta, update = kernels.Stats(delta.n), kernels.Stats(update.n, finite=update.finite)
-                chunk_stats = (delta, update)
-                kernels.add_stats(found, t.name, dataclasses.replace(delta), dataclasses.replace(update))
-            write(t, c, memoryview(out.view(torch.uint8).numpy()), chunk_stats)
+    def finish(k: int, queued) -> None:
+        out, done, sums = queued
+        c = chunks[k]
+        t = plan.tensors[c.tensor]
+        if done is not None:
+            done.synchronize()
+        chunk_stats = None
+        if sums is not None:
+            delta, update = _to_stats(c.stop - c.start, sums.tolist())
+            if not stats:  # as run_chunks: only the count, and whether the output may hold NaN or Inf
+                delta, update = kernels.Stats(delta.n), kernels.Stats(update.n, finite=update.finite)
+            chunk_stats = (delta, update)
+            kernels.add_stats(found, t.name, dataclasses.replace(delta), dataclasses.replace(update))
+        write(t, c, memoryview(out.view(torch.uint8).numpy()), chunk_stats)
 
-        writes = {}
-        pending = reader.submit(read, 0) if chunks else None
-        for k, c in enumerate(chunks):
-            s_h, a_h = pending.result()
-            if k + 1 < len(chunks):
-                if k + 1 - DEPTH in writes:  # that host set is free once its chunk is written
-                    writes.pop(k + 1 - DEPTH).result()
-                pending = reader.submit(read, k + 1)
-            t, h = plan.tensors[c.tensor], hosts[k % DEPTH]
-            if t.action == "copy":
-                writes[k] = writer.submit(finish, t, c, a_h, None, None)
-            else:
-                writes[k] = writer.submit(finish, t, c, *_on_device(t, s_h, a_h, h, devs[k % DEVICE_SETS],
-                                                                    kernel, streams))
-            for j in [j for j, f in writes.items() if f.done()]:
-                writes.pop(j).result()  # surfaces a failed write early
-        for f in writes.values():
-            f.result()
+    ring(len(chunks), read, compute, finish,
+         prefetch=lambda k: inputs.prefetch(plan.tensors[chunks[k].tensor], chunks[k]))
 
 
 def _on_device(t: TensorPlan, s_h, a_h, h: _HostSet, d: _DeviceSet, kernel: str, streams: _Streams):
