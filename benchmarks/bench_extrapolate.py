@@ -236,10 +236,11 @@ def table(results: dict[str, list[dict]]) -> str:
     return "\n".join(rows)
 
 
-def engine_revision() -> str:
-    git = ["git", "-C", os.path.dirname(os.path.abspath(__file__))]
+def engine_revision(tree: str | None = None) -> str:
+    git = ["git", "-C", tree or os.path.dirname(os.path.abspath(__file__))]
     head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run([*git, "status", "--porcelain", "-uno", "--", "../expo_engine"], capture_output=True,
+    dirty = subprocess.run([*git, "status", "--porcelain", "-uno", "--", "expo_engine" if tree else "../expo_engine"],
+                           capture_output=True,
                            text=True)
     return f"git {head or '?'}" + (" with uncommitted changes in expo_engine/" if dirty.stdout.strip() else "")
 
@@ -257,6 +258,9 @@ def main() -> None:
     p.add_argument("--skip-in-memory", action="store_true", help="skip the in-memory baseline (needs ~3x RAM)")
     p.add_argument("--markdown", metavar="FILE", help="append the table, command, date and machine to FILE")
     p.add_argument("--delete-pair", action="store_true", help="remove the cached pair at the end")
+    p.add_argument("--compare", metavar="TREE", default="",
+                   help="also run `python -m expo_engine.cli extrapolate` from another checkout TREE (with its "
+                        "compiled kernel built in place), interleaved with the rest: before/after in one series")
     p.add_argument("--cache", choices=("cold", "warm", "both"), default="cold",
                    help="page cache before each run: dropped, holding both inputs, or both regimes interleaved")
     p.add_argument("--ray-workers", metavar="N[,N...]", default="",
@@ -277,6 +281,11 @@ def main() -> None:
     # What expo must do at least: read both models (cat the SFT files while cp reads the aligned ones) and write one.
     cmds["read both + cp -r + sync"] = ["sh", "-c", 'cat "$0"/* > /dev/null & cp -r "$1" "$2"; wait; sync', sft,
                                         aligned, out]
+    if args.compare:
+        tree = os.path.abspath(args.compare)
+        cmds[f"expo extrapolate ({engine_revision(tree)})"] = [
+            "sh", "-c", 'cd "$0" && p="$1" && shift && exec "$p" -m expo_engine.cli "$@"', tree, sys.executable, *cmds[
+                "expo extrapolate"][1:]]
     for n in [int(w) for w in args.ray_workers.split(",") if w]:
         cmds[f"expo extrapolate --executor ray --workers {n}"] = [*cmds["expo extrapolate"], "--executor", "ray",
                                                                   "--workers", str(n)]
