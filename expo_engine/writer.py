@@ -167,6 +167,9 @@ class Staging:
                 self._next[shard.filename] = len(shard.header)
             if self.journal_key and not self.resumed:  # after the space is reserved: a full disk fails there
                 self.journal_add({"key": self.journal_key})
+                # the folder and its files' names must survive a power loss as surely as the journal lines do
+                _fsync_dir(self.dir)
+                _fsync_dir(os.path.dirname(self.dir))
         except BaseException:
             self.__exit__(None, None, None)
             shutil.rmtree(self.dir, ignore_errors=True)
