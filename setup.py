@@ -1,7 +1,7 @@
 """Builds the optional fused CPU kernel (expo_engine/_fused.c). Everything else is in pyproject.toml.
 
 The extension is optional: without a C compiler the install still succeeds and the engine uses its torch kernels
-(`expo doctor`-style check: `python -c "import expo_engine.kernels as k; print(k.native_kernel())"`).
+(`expo doctor` says whether it is built, current and used).
 """
 
 from setuptools import Extension, setup

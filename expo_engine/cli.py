@@ -132,6 +132,11 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--sample", type=_positive, metavar="F", help="check a random fraction F of the chunks")
     v.set_defaults(run=_run_verify)
 
+    doc = sub.add_parser("doctor", help="say whether the compiled kernel is built, current and used, and how "
+                                         "inputs will be read", description="Checks this installation; exit 1 "
+                                         "when the compiled kernel is missing or stale.")
+    doc.set_defaults(run=_run_doctor)
+
     d = sub.add_parser("demo", help="build a tiny SFT/aligned pair in a temp folder, extrapolate it, check it")
     d.add_argument("--alpha", type=_finite, default=0.3, help="extrapolation strength (default %(default)s)")
     d.add_argument("--keep", metavar="DIR", help="build in DIR and keep everything (default: a temp folder)")
@@ -301,6 +306,28 @@ def _run_verify(args) -> int:
     report = verify(args.out, sft=args.sft, aligned=args.aligned, alpha=args.alpha, sample=args.sample)
     print(format_report(report))
     return 0 if report.ok else 1
+
+
+def _run_doctor(args) -> int:
+    from . import pagecache
+    from .api import no_gpu_here
+    from .kernels import native_status
+    from .reading import direct_io
+
+    usable, message = native_status()
+    print(f"kernel: {message}")
+    probe = os.open(sys.executable, os.O_RDONLY)  # any file: is the page cache answering?
+    try:
+        pagecache.resident_fraction(probe, 0, 4096)
+    finally:
+        os.close(probe)
+    how = {"cachestat": "the cachestat syscall", "mincore": "mincore", "none": "nothing (O_DIRECT throughout)"}
+    print("reads: " + (f"per chunk, through the page cache where it holds at least half of the range (asked with "
+                       f"{how[pagecache.method()]}), else O_DIRECT" if direct_io() else
+                       "through the page cache (EXPO_BUFFERED_IO=1)"))
+    print("gpu: " + ("none visible (no GPU device nodes): --device auto computes on the CPU" if no_gpu_here() else
+                     "device nodes present: --device auto tries CUDA (see `expo extrapolate --help`)"))
+    return 0 if usable else 1
 
 
 def _run_demo(args) -> int:

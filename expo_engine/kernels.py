@@ -79,6 +79,29 @@ def _load_native(kind: str = ""):
 _NATIVE = _load_native()
 
 
+def native_status() -> tuple[bool, str]:
+    """(usable, what to tell the user) about the compiled kernel: in use; not built; built from an older _fused.c
+    (a stale editable install); refused on this CPU; or switched off with EXPO_KERNEL=torch."""
+    if _NATIVE is not None:
+        return True, f"compiled kernel in use: {_NATIVE.target}"
+    if os.environ.get("EXPO_KERNEL", "").strip().lower() == "torch":
+        return True, "compiled kernel switched off (EXPO_KERNEL=torch): torch ops do the arithmetic"
+    try:
+        from . import _fused
+    except ImportError:
+        return False, ("compiled kernel not built (the install found no C compiler): torch ops do the arithmetic, "
+                       "about 3x slower statistics; install a C compiler and run `pip install .` again")
+    lib = ctypes.CDLL(_fused.__file__)
+    missing = [name for name in ("expo_extrapolate", "expo_extrapolate_generic", "expo_diff_stats",
+                                 "expo_error_steps", "expo_kernel_target") if not hasattr(lib, name)]
+    if missing:
+        return False, (f"compiled kernel {_fused.__file__} is stale (built from an older _fused.c: it lacks "
+                       f"{', '.join(missing)}): torch ops do the arithmetic; rebuild it with `pip install -e .` "
+                       "(or `pip install .`) again")
+    return True, (f"compiled kernel built ({_fused.__file__}) but not used on this CPU (no AVX2: its untuned loop "
+                  "is slower than torch ops); EXPO_KERNEL=generic forces it")
+
+
 def native_kernel() -> str | None:
     """Which compiled kernel runs on this machine ("avx2" or "generic"), or None when torch ops do the work."""
     return _NATIVE.target if _NATIVE is not None else None
@@ -389,3 +412,4 @@ def error_steps(out: torch.Tensor, sft: torch.Tensor, aligned: torch.Tensor, alp
     same = (x == r) | (torch.isnan(x) & torch.isnan(r))
     excess = torch.where(same, torch.zeros_like(r), ((x - r).abs() - slack).clamp_min(0))
     return torch.nan_to_num(excess / _ulp(r, out.dtype), nan=float("inf"))
+

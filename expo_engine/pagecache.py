@@ -48,6 +48,13 @@ _NR = _CACHESTAT.get(os.uname().machine) if hasattr(os, "uname") else None
 _use_cachestat = _NR is not None
 
 
+def method() -> str:
+    """How this system is asked (for `expo doctor`): "cachestat", "mincore" or "none"."""
+    if _LIBC is None:
+        return "none"
+    return "cachestat" if _use_cachestat else "mincore"
+
+
 def _pages(offset: int, length: int) -> tuple[int, int]:
     """The first page and the page count that cover [offset, offset + length)."""
     first = offset // _PAGE

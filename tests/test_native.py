@@ -320,3 +320,21 @@ def test_checker_takes_torch_ops_for_strided_views():
     out = _outputs_to_check(s, a, 0.3, torch.bfloat16, 5)[1]
     steps = kernels.error_steps(out[::2], s[::2], a[::2], 0.3)
     assert kernels.error_counts(out[::2], s[::2], a[::2], 0.3) == (steps.max().item(), int((steps > 1).sum()))
+
+
+def test_expo_doctor_reports_a_stale_build(monkeypatch, capsys):
+    """A built library without the symbols this version calls: `expo doctor` says so and how to fix it, exit 1
+    (the engine itself falls back to torch ops, see above)."""
+    import ctypes
+
+    from expo_engine.cli import main
+
+    if kernels.native_kernel() is None:
+        require_native("no compiled kernel here, so there is no stale one to report")
+    assert main(["doctor"]) == 0
+    assert "kernel: compiled kernel in use: avx2" in capsys.readouterr().out
+    monkeypatch.setattr(kernels, "_NATIVE", None)
+    monkeypatch.setattr(ctypes, "CDLL", lambda path: object())
+    assert main(["doctor"]) == 1
+    out = capsys.readouterr().out
+    assert "is stale" in out and "pip install -e ." in out and "expo_extrapolate" in out, out
