@@ -138,10 +138,9 @@ def extrapolate(
     started = time.monotonic()
     job = prepare(sft, aligned, alpha, out, alpha_rules=alpha_rules, dtype=dtype, max_shard_size=max_shard_size,
                   chunk_bytes=chunk_bytes, overwrite=overwrite)
-    return _execute(job, started, stats=stats, executor=executor, workers=workers, ray_address=ray_address,
-                    max_memory=max_memory, unit_bytes=unit_bytes, allow_nonfinite=allow_nonfinite,
-                    on_plan=(lambda plans: on_plan(plans[0])) if on_plan else None, on_executor=on_executor,
-                    on_notice=on_notice, on_progress=on_progress, device=device)[0]
+    options = RunOptions(stats, executor, workers, ray_address, max_memory, unit_bytes, allow_nonfinite, device,
+                         (lambda plans: on_plan(plans[0])) if on_plan else None, on_executor, on_notice, on_progress)
+    return _execute(job, started, options)[0]
 
 
 def extrapolate_sweep(
@@ -189,9 +188,8 @@ def extrapolate_sweep(
                   max_shard_size=max_shard_size, chunk_bytes=chunk_bytes, overwrite=overwrite)
     parent = os.path.dirname(job.outs[0])
     # A failed sweep leaves nothing behind: the output locks remove the parent folder again if they made it.
-    runs = _execute(job, started, stats=stats, executor=executor, workers=None, ray_address=None, max_memory=None,
-                    unit_bytes=unit_bytes, allow_nonfinite=allow_nonfinite, on_plan=on_plan,
-                    on_executor=on_executor, on_notice=on_notice, on_progress=on_progress, device=device)
+    runs = _execute(job, started, RunOptions(stats, executor, None, None, None, unit_bytes, allow_nonfinite, device,
+                                             on_plan, on_executor, on_notice, on_progress))
     return SweepSummary(
         out=parent,
         alphas=[r.alpha for r in runs],
@@ -237,14 +235,33 @@ def prepare(sft: str, aligned: str, alpha, out: str, *, sweep: bool = False, alp
     return Job(plans, outs, sft_ck, aligned_ck, side, sweep, overwrite)
 
 
-def _execute(job: Job, started: float, *, stats, executor, workers, ray_address, max_memory, unit_bytes,
-             allow_nonfinite, on_plan, on_executor, on_progress, on_notice=None, device="auto") -> list[Summary]:
+@dataclass(frozen=True)
+class RunOptions:
+    """How a prepared Job runs (what :func:`extrapolate` and :func:`extrapolate_sweep` take besides the plan's
+    own options): see :func:`extrapolate` for each."""
+
+    stats: bool = True
+    executor: str = "auto"
+    workers: int | None = None
+    ray_address: str | None = None
+    max_memory: int | str | None = None
+    unit_bytes: int = DEFAULT_UNIT_BYTES
+    allow_nonfinite: bool = False
+    device: str = "auto"
+    on_plan: Callable[[tuple[Plan, ...]], None] | None = None  # receives every plan (one per alpha)
+    on_executor: Callable[[str, str], None] | None = None
+    on_notice: Callable[[str], None] | None = None
+    on_progress: Callable[[int], None] | None = None
+
+
+def _execute(job: Job, started: float, o: RunOptions) -> list[Summary]:
     notes: list[str] = []
+    stats, on_progress = o.stats, o.on_progress
 
     def say(note: str) -> None:
         notes.append(note)
-        if on_notice:
-            on_notice(note)
+        if o.on_notice:
+            o.on_notice(note)
 
     # Own every output before anything else (a second run stops here, touching nothing), then check again what is
     # at the output path: another run may have published there since it was planned.
@@ -256,19 +273,19 @@ def _execute(job: Job, started: float, *, stats, executor, workers, ray_address,
                 say(note)
         plans = job.plans
         plan = plans[0]
-        kind, why = choose_executor(executor, plan, workers, ray_address, sweep=len(plans) if job.sweep else 0)
-        dev, device_name = choose_device(device, kind, len(plans))
+        kind, why = choose_executor(o.executor, plan, o.workers, o.ray_address, sweep=len(plans) if job.sweep else 0)
+        dev, device_name = choose_device(o.device, kind, len(plans))
         if device_name != "cpu":
             why += f"; arithmetic on {device_name}"
-        budget = parse_size(max_memory) if max_memory is not None else None
-        if on_plan:
-            on_plan(plans)
-        if on_executor:
-            on_executor(kind, why)
+        budget = parse_size(o.max_memory) if o.max_memory is not None else None
+        if o.on_plan:
+            o.on_plan(plans)
+        if o.on_executor:
+            o.on_executor(kind, why)
 
         report = done = None
         phases = {"plan": time.monotonic() - started}
-        units = make_units(plan, unit_bytes)
+        units = make_units(plan, o.unit_bytes)
         if kind == "ray":
             from .distributed import execute_ray
 
@@ -276,15 +293,15 @@ def _execute(job: Job, started: float, *, stats, executor, workers, ray_address,
                                                   journal_key(plan, units, stats, "ray")))
             if staging.note:
                 say(staging.note)
-            found, report = execute_ray(plan, units, staging, workers=workers, address=ray_address,
+            found, report = execute_ray(plan, units, staging, workers=o.workers, address=o.ray_address,
                                         max_memory=budget, stats=stats, on_progress=on_progress,
                                         device="cuda" if device_name != "cpu" else "cpu")
             founds, stagings = [found], [staging]
         else:
             t = time.monotonic()
             key = f"local {device_name}"
-            stagings = [stack.enter_context(Staging(o, p, lock, journal_key(p, units, stats, key)))
-                        for o, p, lock in zip(job.outs, plans, locks, strict=True)]
+            stagings = [stack.enter_context(Staging(out, p, lock, journal_key(p, units, stats, key)))
+                        for out, p, lock in zip(job.outs, plans, locks, strict=True)]
             for staging in stagings:
                 if staging.note:
                     say(staging.note)
@@ -301,7 +318,7 @@ def _execute(job: Job, started: float, *, stats, executor, workers, ray_address,
             phases["compute"] = time.monotonic() - t
         # Every output is checked before the first is published: a sweep publishes all of its outputs or none
         # (short of a failure between the renames themselves).
-        warnings = [check_finite(p, st, f, allow_nonfinite) for p, st, f in zip(plans, stagings, founds,
+        warnings = [check_finite(p, st, f, o.allow_nonfinite) for p, st, f in zip(plans, stagings, founds,
                                                                                 strict=True)]
         extra = {"reads": done.reads} if done else {}
         if done and done.resumed_units:
