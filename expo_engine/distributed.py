@@ -188,8 +188,8 @@ def run_unit(plan: Plan, unit: Unit, staging_dir: str, stats: bool, expect: str 
             h.update(data)  # chunks of a unit are contiguous and written in order
 
         inputs = Inputs({slot.file for c in chunks for slot in (plan.tensors[c.tensor].sft,
-                                                                   plan.tensors[c.tensor].aligned)},
-                         direct=direct_io())
+                                                                  plan.tensors[c.tensor].aligned)},
+                        direct=direct_io())
         try:
             if device == "cuda":  # Ray gave this task one GPU (num_gpus=1) and set CUDA_VISIBLE_DEVICES to it
                 from .gpu import resolve_device, run_chunks_cuda

@@ -329,7 +329,7 @@ def _check_elements(slots, sft, aligned, alpha, sample, seed, chunk_bytes, probl
 
     stats = [[0.0, 0] for _ in work]  # per tensor: worst steps, elements off by more than one step
     inputs = Inputs([t.file for o, s, a, copied in work for t in (o, a) + (() if copied else (s,))],
-                     direct=direct_io())
+                    direct=direct_io())
     sets = [Buffers(chunk_bytes) for _ in range(2)]  # one set is read (O_DIRECT where allowed) while one is checked
 
     def read(k: int):
