@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 from . import __version__, dtypes
 from .errors import Interrupted, NonFiniteError, OptionError
-from .executor import check_copies, execute_sweep, scan_nonfinite
+from .executor import check_copies, execute_sweep, kept_units, scan_nonfinite
 from .kernels import Stats, native_kernel
 from .ownership import OutputLock
 from .plan import (
@@ -310,7 +310,9 @@ def _execute(job: Job, started: float, o: RunOptions) -> list[Summary]:
             except KeyboardInterrupt:
                 for staging in stagings:
                     staging.keep = True
-                kept = min(len(st.journal_done()) for st in stagings)
+                    with contextlib.suppress(Exception):
+                        staging.journal_drain()  # what is on disk is journaled before it is counted
+                kept = len(kept_units(units, stagings, resumed_only=False))
                 where = stagings[0].dir if len(stagings) == 1 else f"{len(stagings)} staging folders"
                 raise Interrupted(f"interrupted; {kept} of {len(units)} units are kept in {where}; run the same "
                                   "command again to resume") from None
@@ -324,8 +326,12 @@ def _execute(job: Job, started: float, o: RunOptions) -> list[Summary]:
         if done and done.resumed_units:
             extra["resumed"] = {"units": done.resumed_units, "of": done.units,
                                 "note": "written by an earlier run that stopped, kept from its journal"}
-        files = [_publish(st, p, job, f if stats else None, phases, device_name, extra)
+        t = time.monotonic()
+        files = [_finish(st, p, job, f if stats else None, device_name, extra)
                  for p, st, f in zip(plans, stagings, founds, strict=True)]
+        for staging in stagings:  # every output of a sweep finished before the first is renamed into place
+            staging.publish(job.overwrite)
+        phases["hash+publish"] = time.monotonic() - t
         if report:
             phases = {"plan": phases["plan"], **report.phases, "hash+publish": phases["hash+publish"]}
     n_extra = sum(t.action == "extrapolate" for t in plan.tensors)
@@ -460,9 +466,8 @@ def check_finite(plan: Plan, staging: Staging, found: dict[str, tuple[Stats, Sta
             "element(s)), carried into the output; --allow-nonfinite silences this" for r in found_bad]
 
 
-def _publish(staging: Staging, plan: Plan, job: Job, found: dict | None, phases: dict,
-             device: str = "cpu", extra: dict | None = None) -> dict:
-    t = time.monotonic()
+def _finish(staging: Staging, plan: Plan, job: Job, found: dict | None, device: str = "cpu",
+            extra: dict | None = None) -> dict:
     cpu_kernel = f"compiled ({native_kernel()})" if native_kernel() else "torch ops"
     prov = provenance(plan, job.sft, job.aligned) | {"device": device, "cpu_kernel": cpu_kernel} | (extra or {})
     if job.sweep:
@@ -470,9 +475,7 @@ def _publish(staging: Staging, plan: Plan, job: Job, found: dict | None, phases:
                          "note": "one of the outputs of an alpha sweep, all written from one read of the inputs"}
     if found is not None:
         prov["stats"] = stats_record(found, job.sft, job.aligned, plan.alpha)
-    files = staging.finish(job.side, prov)
-    phases["hash+publish"] = time.monotonic() - t
-    return files
+    return staging.finish(job.side, prov)
 
 
 def stats_record(found: dict[str, tuple[Stats, Stats]], sft: Checkpoint, aligned: Checkpoint, alpha: float) -> dict:

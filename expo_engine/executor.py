@@ -198,10 +198,11 @@ def execute_sweep(plans: list[Plan], stagings: list[Staging], units: tuple[Unit,
     return Done(founds, len(units), len(kept), sum(chunk_input_bytes(plan, c) for c in chunks), reads)
 
 
-def kept_units(units: tuple[Unit, ...], stagings: list[Staging]) -> set[int]:
-    """The units an earlier run finished in every staging folder, per shard from its first unit up to the first
-    one missing (the shard's running checksum continues from there)."""
-    if not units or not all(st.resumed for st in stagings):
+def kept_units(units: tuple[Unit, ...], stagings: list[Staging], resumed_only: bool = True) -> set[int]:
+    """The units journaled in every staging folder, per shard from its first unit up to the first one missing (the
+    shard's running checksum continues from there): what a resumed run keeps (with `resumed_only`, only from
+    staging folders an earlier run left)."""
+    if not units or (resumed_only and not all(st.resumed for st in stagings)):
         return set()
     journaled = set.intersection(*(set(st.journal_done()) for st in stagings))
     kept, broken = set(), set()
@@ -311,6 +312,17 @@ def ring(n: int, read: Callable[[int], object], compute: Callable[[int, object],
             prefetch(k + 1)
         return read(k)
 
+    failed = []
+
+    def finish_in_order(k: int, done) -> None:
+        if failed:  # a step after a failed one must not run (its bytes would sit beside a hole): the same error
+            raise failed[0]
+        try:
+            finish(k, done)
+        except BaseException as e:
+            failed.append(e)
+            raise
+
     with ThreadPoolExecutor(1, "expo-read") as reader, ThreadPoolExecutor(1, "expo-write") as writer:
         finishing = {}
         pending = reader.submit(read_next, 0) if n else None
@@ -320,10 +332,10 @@ def ring(n: int, read: Callable[[int], object], compute: Callable[[int, object],
                 if k + 1 - DEPTH in finishing:  # that buffer set is free once its step has finished
                     finishing.pop(k + 1 - DEPTH).result()
                 pending = reader.submit(read_next, k + 1)
-            finishing[k] = writer.submit(finish, k, compute(k, got))
+            finishing[k] = writer.submit(finish_in_order, k, compute(k, got))
             for j in [j for j, f in finishing.items() if f.done()]:
                 finishing.pop(j).result()  # surfaces a failed write early
-        for f in finishing.values():
+        for f in finishing.values():  # in order: the first failure is the one raised
             f.result()
 
 

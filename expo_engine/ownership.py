@@ -86,6 +86,20 @@ class OutputLock:
             self._remove_made()
             raise
         try:
+            # Outputs nested in one another are one output: refuse to write inside another live run's output, or
+            # around one.
+            for above in _ancestors(self.out):
+                if is_locked(lock_path(above)):
+                    raise BusyError(f"output {self.out} is inside {above}, which another expo run is writing; "
+                                    "nothing was touched: wait for that run to finish, or choose another output")
+            inside = live_locks_under(self.out)
+            if inside:
+                raise BusyError(f"output {self.out} holds {inside[0]}, which another expo run is writing; nothing "
+                                "was touched: wait for that run to finish, or choose another output")
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        try:
             self.recover()
         except BaseException:
             self.__exit__(None, None, None)
@@ -147,7 +161,8 @@ class OutputLock:
         if self.fd is None:
             return
         with contextlib.suppress(OSError):
-            os.remove(self.path)  # still locked: a run that opened it meanwhile sees it gone and retries
+            if os.path.samestat(os.fstat(self.fd), os.stat(self.path)):  # ours, not one made after ours was gone
+                os.remove(self.path)  # still locked: a run that opened it meanwhile sees it gone and retries
         os.close(self.fd)
         self.fd = None
         if not os.path.lexists(self.out):
@@ -160,6 +175,42 @@ class OutputLock:
             except OSError:
                 break
         self._made.clear()
+
+
+def _ancestors(path: str) -> list[str]:
+    found, parent = [], os.path.dirname(path)
+    while os.path.dirname(parent) != parent:
+        found.append(parent)
+        parent = os.path.dirname(parent)
+    return found
+
+
+def is_locked(path: str) -> bool:
+    """Whether a live run holds the lock file `path` (a free or missing one: no)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError as e:
+        return e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+    finally:
+        os.close(fd)  # also drops the shared lock, if it was taken
+
+
+def live_locks_under(folder: str) -> list[str]:
+    """The outputs inside `folder` that a live run is writing (their lock files are held)."""
+    busy = []
+    if not os.path.isdir(folder) or os.path.islink(folder):
+        return busy
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(root, d))]
+        for name in files:
+            if name.startswith(".") and name.endswith(LOCK_SUFFIX) and is_locked(os.path.join(root, name)):
+                busy.append(os.path.join(root, name[1:-len(LOCK_SUFFIX)]))
+    return sorted(busy)
 
 
 def _read_owner(fd: int) -> str:

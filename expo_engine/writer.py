@@ -18,7 +18,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from .errors import FormatError, OutputError
-from .ownership import OutputLock, old_path, require_owner, staging_path, temp_paths
+from .ownership import OutputLock, live_locks_under, old_path, require_owner, staging_path, temp_paths
 from .plan import INDEX_NAME, Plan, Unit
 from .reading import ALIGN, direct_io, hash_range, pwrite_all
 from .sources import SIDE_FILE_PATTERNS, Checkpoint
@@ -249,8 +249,10 @@ class Staging:
         """All of `unit` has been passed to write() (in plan order): journal it as soon as its bytes are durable.
         Bytes up to the O_DIRECT carry are on disk after an fdatasync; the carry itself is written with the next
         block, or at the shard's end, so a unit ending inside it is journaled with the next one."""
-        self._waiting.append((unit, record))
         shard = unit.shard
+        if self._next[shard] == -1:
+            return  # an out-of-order write (after a failed one): nothing of this shard is journaled any more
+        self._waiting.append((unit, record))
         size = next(s.size for s in self.plan.shards if s.filename == shard)
         if unit.stop == size:
             try:
@@ -358,7 +360,8 @@ class Staging:
                 raise write_error(e, os.path.join(self.dir, shard)) from None
 
     def finish(self, side: dict[str, bytes], provenance: dict) -> dict[str, dict]:
-        """Fsync the shards, add side files, index, card and provenance, and rename the staging folder into place.
+        """Fsync the shards, add side files, index, card and provenance: everything but the rename (`publish`), so
+        that a sweep can finish every output before it publishes any.
 
         Returns {file name: {"size", "sha256"}} of everything written but expo.json itself.
         """
@@ -383,11 +386,27 @@ class Staging:
         provenance = {**provenance, "files": dict(sorted(checksums.items()))}
         self._put(PROVENANCE_NAME, (json.dumps(provenance, indent=2) + "\n").encode())
         _fsync_dir(self.dir)
+        return provenance["files"]
+
+    def publish(self, overwrite: bool) -> None:
+        """Rename the finished staging folder into place. What is at the output path is checked once more: it may
+        be replaced only if it is empty or `overwrite` was given, and never while another run writes inside it; a
+        refusal keeps the finished staging folder, so that the same command publishes it without recomputing."""
         fault_point("publish")
+        require_owner(self.lock, self.out)
+        try:
+            check_target(self.out, overwrite)
+            busy = live_locks_under(self.out)
+            if busy:
+                raise OutputError(f"output {self.out} holds {busy[0]}, which another expo run is writing; nothing "
+                                  "was published: wait for that run, or choose another output")
+        except OutputError as e:
+            self.keep = True
+            raise OutputError(f"{e}; the finished model is kept in {self.dir}: run the same command again to "
+                              "publish it") from None
         if os.path.exists(journal := os.path.join(self.dir, JOURNAL_NAME)):
             os.remove(journal)  # the output holds only the model and its provenance
         self._publish()
-        return provenance["files"]
 
     def _put(self, name: str, data: bytes) -> dict:
         path = os.path.join(self.dir, name)

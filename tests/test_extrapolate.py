@@ -341,3 +341,20 @@ def test_reads_follow_what_the_page_cache_holds(tmp_path, cache):
         assert r["direct_bytes" if cold else "page_cache_bytes"] == 8 * 2**20, (name, r)
     out_state = load_output(out)
     assert worst_steps(out_state, sft, aligned, 0.7) <= 1
+
+
+def test_the_ring_stops_finishing_after_a_failed_step():
+    """A failed write stops the pipeline: no later step is written (its bytes would sit beside a hole, and its unit
+    could be journaled), and the first failure is the one raised."""
+    from expo_engine.executor import ring
+
+    finished = []
+
+    def finish(k, _):
+        if k == 2:
+            raise OSError(28, "No space left on device")
+        finished.append(k)
+
+    with pytest.raises(OSError, match="No space left"):
+        ring(12, read=lambda k: k, compute=lambda k, got: got, finish=finish)
+    assert finished == [0, 1]

@@ -201,3 +201,53 @@ def test_a_publish_killed_between_its_renames_is_settled_by_the_next_owner(tmp_p
     with OutputLock(out) as lock:
         assert lock.notes and lock.notes[0].startswith(f"removed {old_path(out)}")
     assert os.listdir(out) == ["mine.txt"] and not leftovers(out)
+
+
+def test_outputs_nested_in_a_live_output_are_refused_both_ways(tmp_path):
+    """A run on OUT/b while another writes OUT (or on OUT, with --overwrite, while another writes OUT/b) would
+    delete the other's files when it publishes: it stops at once instead, naming the other output."""
+    sft, aligned = make_pair(tmp_path / "in")
+    outer, inner = str(tmp_path / "m"), str(tmp_path / "m" / "b")
+    a = _start(_args(sft, aligned, outer, "0.3"))
+    _wait_owned(outer, a)
+    r = _expo(*_args(sft, aligned, inner, "0.5"))
+    assert_user_error(r.returncode, r.stderr, inner, f"is inside {outer}, which another expo run is writing")
+    _, err = a.communicate(timeout=120)
+    assert a.returncode == 0, err
+    _exact(outer, sft, aligned, 0.3)
+
+    b = _start(_args(sft, aligned, inner, "0.5", "--overwrite"))  # inside the finished output: allowed
+    _wait_owned(inner, b)
+    r = _expo(*_args(sft, aligned, outer, "0.7", "--overwrite"))
+    assert_user_error(r.returncode, r.stderr, outer, f"holds {inner}, which another expo run is writing")
+    _, err = b.communicate(timeout=120)
+    assert b.returncode == 0, err
+    _exact(inner, sft, aligned, 0.5)
+    with open(os.path.join(outer, "expo.json")) as f:  # the outer output is still the first run's
+        assert json.load(f)["alpha"] == 0.3
+
+
+def test_an_output_filled_while_the_run_computes_is_not_replaced(tmp_path):
+    """Something else writes into the empty output folder while the run computes: without --overwrite the run
+    does not replace it; it keeps the finished model in its staging folder, and the same command publishes it,
+    reading nothing again, once the folder is empty."""
+    sft, aligned = make_pair(tmp_path / "in")
+    out = str(tmp_path / "out")
+    a = _start(_args(sft, aligned, out, "0.3"))
+    _wait_owned(out, a)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "notes.txt"), "w") as f:
+        f.write("mine")
+    _, err = a.communicate(timeout=120)
+    line = assert_user_error(a.returncode, err.splitlines()[-1] + "\n", out, "exists and is not empty",
+                             "the finished model is kept in", "run the same command again")
+    assert staging_path(out) in line
+    with open(os.path.join(out, "notes.txt")) as f:
+        assert f.read() == "mine"
+    os.remove(os.path.join(out, "notes.txt"))
+    again = _expo(*_args(sft, aligned, out, "0.3"))
+    assert again.returncode == 0, again.stderr
+    units = int(again.stdout.split("resumed: ")[1].split(" of ")[0])
+    assert f"resumed: {units} of {units} units" in again.stdout
+    _exact(out, sft, aligned, 0.3)
+    assert not leftovers(out)

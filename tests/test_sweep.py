@@ -186,3 +186,24 @@ def test_help_states_the_memory_bound(capsys):
         main(["extrapolate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "3 x (2 + number of alphas) chunks" in text and "DIR/alpha-0.1" in text
+
+
+def test_a_sweep_that_fails_while_finishing_publishes_none(pairs, tmp_path, monkeypatch):
+    """Every output of a sweep is finished (checksums, side files, index, card, expo.json) before the first is
+    renamed into place: a failure while finishing the second output publishes neither."""
+    from expo_engine.errors import OutputError
+    from expo_engine.writer import Staging
+
+    p = pairs["untied-mixed"]
+    real = Staging.finish
+
+    def failing(self, side, provenance):
+        if self.out.endswith("alpha-0.5"):
+            raise OutputError(f"{self.dir}/README.md: the disk is full (injected); nothing was published")
+        return real(self, side, provenance)
+
+    monkeypatch.setattr(Staging, "finish", failing)
+    out = str(tmp_path / "sweep")
+    with pytest.raises(OutputError, match="injected"):
+        extrapolate_sweep(p.sft, p.aligned, [0.3, 0.5], out)
+    assert not os.path.exists(out) or os.listdir(out) == []
