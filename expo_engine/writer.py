@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from .errors import FormatError, OutputError
 from .ownership import OutputLock, live_locks_under, old_path, require_owner, staging_path, temp_paths
 from .plan import INDEX_NAME, Plan, Unit
-from .reading import ALIGN, direct_io, hash_range, pwrite_all
+from .reading import ALIGN, direct_io, hash_range, input_paths, pwrite_all
 from .sources import SIDE_FILE_PATTERNS, Checkpoint
 
 PROVENANCE_NAME = "expo.json"
@@ -73,8 +73,7 @@ def journal_key(plan: Plan, units: tuple[Unit, ...], stats: bool, executor: str)
     """What a journal must match to be resumed: the exact output layout, alpha (and every tensor's, under alpha
     rules), the units, the inputs as they are now (path, size, mtime), whether statistics are computed, and the
     executor that journals ("local" records no per-unit checksum; Ray's do)."""
-    inputs = sorted({slot.file for t in plan.tensors for slot in (t.sft, t.aligned)})
-    ident = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in inputs]
+    ident = [(p, (st := os.stat(p)).st_size, st.st_mtime_ns) for p in sorted(set(input_paths(plan)))]
     blob = json.dumps([plan.alpha, plan.alpha_overrides, plan.chunk_bytes, stats, executor,
                        [(s.filename, hashlib.sha256(s.header).hexdigest(), s.size) for s in plan.shards],
                        [(u.shard, u.start, u.stop, u.first, u.last) for u in units], ident])
