@@ -3,22 +3,25 @@
  *
  * The torch fallback (kernels.py) makes ~14 passes over every block (widen, lerp, round, widen again, five dot
  * products, two subtractions, two min/max); this loop reads each input element once, writes each output element
- * once and keeps everything else in registers. Python calls it through ctypes, which releases the GIL.
+ * once and keeps everything else in registers.
  *
- * Arithmetic, identical to torch's vectorised CPU lerp(aligned, sft, w) with w = (float)-alpha:
+ * Arithmetic, identical to torch's vectorised CPU lerp(aligned, sft, w) with w = (float)-alpha, in the form that
+ * kernels.form(alpha) decides once for every backend (coeff, from_sft, keep):
  *     d = sft - aligned                          (float32)
- *     |w| <  0.5: out = fma(w,     d, aligned)
- *     |w| >= 0.5: out = fma(w - 1, d, sft)
+ *     from_sft = 0: out = fma(coeff, d, aligned)     (|w| < 0.5: coeff = w)
+ *     from_sft = 1: out = fma(coeff, d, sft)         (|w| >= 0.5: coeff = w - 1)
+ *     keep = 1:     out = aligned                    (alpha = 0: -0.0 included)
  * then one rounding to the output dtype (round to nearest even; NaN -> 0x7fc0 in bfloat16).
  *
- * Statistics (when asked): float32 sums over 8 lanes, added into float64 every BLOCK elements:
- *     res[0] = sum sft^2   res[1] = sum aligned^2   res[2] = sum out^2 (out as rounded)
- *     res[3] = sum d^2     res[4] = sum (out - aligned)^2
- *     res[5] = max |d|     res[6] = max |out - aligned|
- * and always flags: bit 0 sft, bit 1 aligned, bit 2 out holds a NaN or an Inf somewhere.
+ * Statistics (when asked): float32 sums over 8 lanes, added into float64 every BLOCK elements, returned in the
+ * order of kernels.Sums (the module's SUMS names them, and kernels checks them when it loads the module):
+ *     sum sft^2, sum aligned^2, sum out^2 (out as rounded), sum d^2, sum (out - aligned)^2, max |d|,
+ *     max |out - aligned|
+ * and always flags (FLAGS names the bits): bit 0 sft, bit 1 aligned, bit 2 out holds a NaN or an Inf somewhere.
  *
- * The module is a CPython extension only so that setuptools builds it; its functions are plain C, found with
- * ctypes. Built with the machine's default target plus an AVX2/FMA variant chosen at run time.
+ * The Python functions at the end take buffer objects, check their lengths, dtypes, writability and overlap once,
+ * raise ValueError on a mismatch and release the GIL for the loop. Built with the machine's default target plus an
+ * AVX2/FMA variant chosen at run time.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -128,11 +131,11 @@ struct acc {
 
 INLINE v8u vmaxu(v8u m, v8u x) { return vselect((v8i)(x > m), x, m); }
 
-INLINE void step(char *out, int odt, const char *sft, int sdt, const char *aligned, int adt, v8f w, int small,
+INLINE void step(char *out, int odt, const char *sft, int sdt, const char *aligned, int adt, v8f w, int from_sft,
                  v8i keep, int stats, struct acc *t) {
     v8f s = load(sft, sdt), a = load(aligned, adt);
     v8f d = s - a;
-    v8f r = vfma(w, d, small ? a : s);
+    v8f r = vfma(w, d, from_sft ? s : a);
     r = (v8f)(((v8i)a & keep) | ((v8i)r & ~keep)); /* alpha = 0: aligned itself, -0.0 included */
     v8f o = store(out, odt, r);
     if (stats) {
@@ -179,11 +182,10 @@ INLINE void flush(struct acc *t, double *res, int *flags) {
 
 static const int SIZE[3] = {2, 2, 4};
 
-INLINE void body(char *out, int odt, const char *sft, int sdt, const char *aligned, int adt, int64_t n, float alpha,
-                 int small, int stats, double *res, int *flags) {
-    float w0 = -alpha, w1 = small ? w0 : w0 - 1.0f;
-    v8f w = {w1, w1, w1, w1, w1, w1, w1, w1}; /* not {0} + w1: that would turn -0.0 into +0.0 */
-    int k0 = alpha == 0 ? -1 : 0;
+INLINE void body(char *out, int odt, const char *sft, int sdt, const char *aligned, int adt, int64_t n, float coeff,
+                 int from_sft, int keep_aligned, int stats, double *res, int *flags) {
+    v8f w = {coeff, coeff, coeff, coeff, coeff, coeff, coeff, coeff}; /* not {0} + coeff: -0.0 would become +0.0 */
+    int k0 = keep_aligned ? -1 : 0;
     v8i keep = {k0, k0, k0, k0, k0, k0, k0, k0};
     struct acc t;
     memset(&t, 0, sizeof t);
@@ -192,7 +194,7 @@ INLINE void body(char *out, int odt, const char *sft, int sdt, const char *align
     while (i < full) {
         int64_t stop = i + BLOCK < full ? i + BLOCK : full;
         for (; i < stop; i += LANES)
-            step(out + i * os, odt, sft + i * ss, sdt, aligned + i * as, adt, w, small, keep, stats, &t);
+            step(out + i * os, odt, sft + i * ss, sdt, aligned + i * as, adt, w, from_sft, keep, stats, &t);
         if (stats) flush(&t, res, flags);
     }
     if (i < n) { /* the ragged tail, through zero-padded copies: zeros add nothing to any sum or flag */
@@ -200,7 +202,7 @@ INLINE void body(char *out, int odt, const char *sft, int sdt, const char *align
         int64_t m = n - i;
         memcpy(s8, sft + i * ss, m * ss);
         memcpy(a8, aligned + i * as, m * as);
-        step(o8, odt, s8, sdt, a8, adt, w, small, keep, stats, &t);
+        step(o8, odt, s8, sdt, a8, adt, w, from_sft, keep, stats, &t);
         memcpy(out + i * os, o8, m * os);
         if (stats) flush(&t, res, flags);
     }
@@ -219,11 +221,11 @@ INLINE void body(char *out, int odt, const char *sft, int sdt, const char *align
 #define CASE(O, S, A)                                                                                              \
     case (O) * 9 + (S) * 3 + (A):                                                                                  \
         if (stats)                                                                                                 \
-            body(out, O, sft, S, aligned, A, n, alpha, small, 1, res, flags);                                      \
-        else if (small)                                                                                            \
-            body(out, O, sft, S, aligned, A, n, alpha, 1, 0, res, flags);                                          \
+            body(out, O, sft, S, aligned, A, n, coeff, from_sft, keep, 1, res, flags);                             \
+        else if (from_sft)                                                                                         \
+            body(out, O, sft, S, aligned, A, n, coeff, 1, keep, 0, res, flags);                                    \
         else                                                                                                       \
-            body(out, O, sft, S, aligned, A, n, alpha, 0, 0, res, flags);                                          \
+            body(out, O, sft, S, aligned, A, n, coeff, 0, keep, 0, res, flags);                                    \
         return;
 #define CASES_A(O, S) CASE(O, S, 0) CASE(O, S, 1) CASE(O, S, 2)
 #define CASES_S(O) CASES_A(O, 0) CASES_A(O, 1) CASES_A(O, 2)
@@ -291,8 +293,7 @@ INLINE void diff_body(const char *a, int adt, const char *b, int bdt, int64_t n,
 #define AVX2_TARGET __attribute__((target("avx2,fma,tune=haswell")))
 #endif
 static AVX2_TARGET void run_avx2(char *out, int odt, const char *sft, int sdt, const char *aligned, int adt, int64_t n,
-                     float alpha, int stats, double *res, int *flags) {
-    int small = (alpha < 0 ? -alpha : alpha) < 0.5f;
+                                  float coeff, int from_sft, int keep, int stats, double *res, int *flags) {
     switch (odt * 9 + sdt * 3 + adt) { CASES_S(0) CASES_S(1) CASES_S(2) }
 }
 static AVX2_TARGET void diff_avx2(const char *a, int adt, const char *b, int bdt, int64_t n, double *res, int *flags) {
@@ -305,44 +306,16 @@ static AVX2_TARGET void diff_avx2(const char *a, int adt, const char *b, int bdt
 
 /* Other CPUs: one loop for every dtype, correct but not tuned. */
 static void run_generic(char *out, int odt, const char *sft, int sdt, const char *aligned, int adt, int64_t n,
-                        float alpha, int stats, double *res, int *flags) {
-    int small = (alpha < 0 ? -alpha : alpha) < 0.5f;
-    body(out, odt, sft, sdt, aligned, adt, n, alpha, small, stats, res, flags);
+                        float coeff, int from_sft, int keep, int stats, double *res, int *flags) {
+    body(out, odt, sft, sdt, aligned, adt, n, coeff, from_sft, keep, stats, res, flags);
 }
 
-/* The entry point. Returns 0, or -1 for an unknown dtype code. */
-int expo_extrapolate(void *out, int odt, const void *sft, int sdt, const void *aligned, int adt, int64_t n,
-                     float alpha, int stats, double *res, int *flags) {
-    if (odt < 0 || odt > 2 || sdt < 0 || sdt > 2 || adt < 0 || adt > 2) return -1;
+static int have_avx2(void) {
 #if HAVE_AVX2
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-        run_avx2((char *)out, odt, (const char *)sft, sdt, (const char *)aligned, adt, n, alpha, stats, res, flags);
-        return 0;
-    }
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return 0;
 #endif
-    run_generic((char *)out, odt, (const char *)sft, sdt, (const char *)aligned, adt, n, alpha, stats, res, flags);
-    return 0;
-}
-
-/* The statistics of b - a for `expo norms` (see diff_body). Returns 0, or -1 for an unknown dtype code. */
-int expo_diff_stats(const void *a, int adt, const void *b, int bdt, int64_t n, double *res, int *flags) {
-    if (adt < 0 || adt > 2 || bdt < 0 || bdt > 2) return -1;
-#if HAVE_AVX2
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-        diff_avx2((const char *)a, adt, (const char *)b, bdt, n, res, flags);
-        return 0;
-    }
-#endif
-    diff_body((const char *)a, adt, (const char *)b, bdt, n, res, flags);
-    return 0;
-}
-
-/* expo_extrapolate on the untuned path, whatever the CPU: for the tests. */
-int expo_extrapolate_generic(void *out, int odt, const void *sft, int sdt, const void *aligned, int adt, int64_t n,
-                             float alpha, int stats, double *res, int *flags) {
-    if (odt < 0 || odt > 2 || sdt < 0 || sdt > 2 || adt < 0 || adt > 2) return -1;
-    run_generic((char *)out, odt, (const char *)sft, sdt, (const char *)aligned, adt, n, alpha, stats, res, flags);
-    return 0;
 }
 
 /* `expo verify`: how far each stored output element is from the float64 formula, in steps of the output dtype,
@@ -427,27 +400,184 @@ INLINE void check_body(const char *out, int odt, const char *sft, int sdt, const
 #define CCASE(O, S, A)                                                                                             \
     case (O) * 9 + (S) * 3 + (A):                                                                                  \
         check_body(o, O, s, S, a, A, n, alpha, res);                                                               \
-        return 0;
+        return;
 #define CCASES_S(O, S) CCASE(O, S, 0) CCASE(O, S, 1) CCASE(O, S, 2)
 #define CCASES_O(O) CCASES_S(O, 0) CCASES_S(O, 1) CCASES_S(O, 2)
 
-int expo_error_steps(const void *out, int odt, const void *sft, int sdt, const void *aligned, int adt, int64_t n,
-                     double alpha, double *res) {
-    const char *o = out, *s = sft, *a = aligned;
+static void error_steps(const char *o, int odt, const char *s, int sdt, const char *a, int adt, int64_t n,
+                        double alpha, double *res) {
     switch (odt * 9 + sdt * 3 + adt) { CCASES_O(0) CCASES_O(1) CCASES_O(2) }
+}
+
+/* --- the Python interface ------------------------------------------------------------------------------------ */
+
+#define ABI 2 /* kernels.ABI: a build whose ABI differs is stale (an editable install not rebuilt after a pull) */
+
+/* A dtype name (safetensors': "BF16", "F16", "F32") -> its code, or -1 with ValueError set. */
+static int code_of(const char *name) {
+    if (!strcmp(name, "BF16")) return DT_BF16;
+    if (!strcmp(name, "F16")) return DT_F16;
+    if (!strcmp(name, "F32")) return DT_F32;
+    PyErr_Format(PyExc_ValueError, "the compiled kernel takes BF16, F16 and F32 elements, not %s", name);
     return -1;
 }
 
-/* Which code path expo_extrapolate takes on this CPU: for the logs and the tests. */
-const char *expo_kernel_target(void) {
-#if HAVE_AVX2
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-        return "avx2";
-#endif
-    return "generic";
+/* Each buffer holds n elements of its dtype, n from the first; ValueError naming the first that does not. */
+static int check_lengths(int64_t *n, int count, Py_buffer **bufs, const int *codes, const char **names) {
+    if (bufs[0]->len % SIZE[codes[0]]) {
+        PyErr_Format(PyExc_ValueError, "%s holds %zd bytes, not a whole number of %d-byte elements", names[0],
+                     bufs[0]->len, SIZE[codes[0]]);
+        return -1;
+    }
+    *n = bufs[0]->len / SIZE[codes[0]];
+    for (int k = 1; k < count; k++)
+        if (bufs[k]->len != *n * SIZE[codes[k]]) {
+            PyErr_Format(PyExc_ValueError, "%s holds %zd bytes; %lld elements of its dtype (as in %s) are %lld",
+                         names[k], bufs[k]->len, (long long)*n, names[0], (long long)(*n * SIZE[codes[k]]));
+            return -1;
+        }
+    return 0;
 }
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fused", "The fused CPU kernel (called through ctypes).",
-                                    -1, NULL, NULL, NULL, NULL, NULL};
+/* out may be an input itself (in place, same element size), but may not overlap one otherwise. */
+static int check_overlap(Py_buffer *out, int ocode, Py_buffer *in, int icode, const char *name) {
+    const char *o = out->buf, *i = in->buf;
+    if (o + out->len <= i || i + in->len <= o || (o == i && SIZE[ocode] == SIZE[icode])) return 0;
+    PyErr_Format(PyExc_ValueError, "out overlaps %s other than exactly (in place needs the same start and element "
+                 "size)", name);
+    return -1;
+}
 
-PyMODINIT_FUNC PyInit__fused(void) { return PyModule_Create(&module); }
+PyDoc_STRVAR(extrapolate_doc,
+"extrapolate(out, out_dtype, sft, sft_dtype, aligned, aligned_dtype, coeff, from_sft, keep, stats, generic=False)\n"
+"-> (sums, flags)\n\n"
+"The formula in the form kernels.form gives, over n elements: out a writable buffer, sft and aligned buffers of the\n"
+"same element count (out may be aligned itself). sums: the 7 values named by SUMS (zeros without stats); flags:\n"
+"the NaN/Inf bits named by FLAGS (without stats only the out bit). generic: the untuned loop on any CPU.");
+
+static PyObject *py_extrapolate(PyObject *self, PyObject *args) {
+    Py_buffer out, sft, aligned;
+    const char *od, *sd, *ad;
+    float coeff;
+    int from_sft, keep, stats, generic = 0;
+    if (!PyArg_ParseTuple(args, "w*sy*sy*sfppp|p:extrapolate", &out, &od, &sft, &sd, &aligned, &ad, &coeff,
+                          &from_sft, &keep, &stats, &generic))
+        return NULL;
+    PyObject *result = NULL;
+    int codes[3] = {code_of(od), 0, 0};
+    if (codes[0] < 0 || (codes[1] = code_of(sd)) < 0 || (codes[2] = code_of(ad)) < 0) goto done;
+    Py_buffer *bufs[3] = {&out, &sft, &aligned};
+    const char *names[3] = {"out", "sft", "aligned"};
+    int64_t n;
+    if (check_lengths(&n, 3, bufs, codes, names) || check_overlap(&out, codes[0], &sft, codes[1], "sft") ||
+        check_overlap(&out, codes[0], &aligned, codes[2], "aligned"))
+        goto done;
+    double res[7] = {0};
+    int flags = 0;
+    Py_BEGIN_ALLOW_THREADS
+    if (!generic && have_avx2())
+        run_avx2(out.buf, codes[0], sft.buf, codes[1], aligned.buf, codes[2], n, coeff, from_sft, keep, stats, res,
+                 &flags);
+    else
+        run_generic(out.buf, codes[0], sft.buf, codes[1], aligned.buf, codes[2], n, coeff, from_sft, keep, stats,
+                    res, &flags);
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("(ddddddd)i", res[0], res[1], res[2], res[3], res[4], res[5], res[6], flags);
+done:
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&sft);
+    PyBuffer_Release(&aligned);
+    return result;
+}
+
+PyDoc_STRVAR(diff_stats_doc,
+"diff_stats(a, a_dtype, b, b_dtype) -> ((sum a^2, sum b^2, sum (b - a)^2, max |b - a|), flags)\n\n"
+"`expo norms`' statistics of b - a, summed in float64; flags bit 0: a holds a NaN or an Inf, bit 1: b does.");
+
+static PyObject *py_diff_stats(PyObject *self, PyObject *args) {
+    Py_buffer a, b;
+    const char *adt, *bdt;
+    if (!PyArg_ParseTuple(args, "y*sy*s:diff_stats", &a, &adt, &b, &bdt)) return NULL;
+    PyObject *result = NULL;
+    int codes[2] = {code_of(adt), 0};
+    if (codes[0] < 0 || (codes[1] = code_of(bdt)) < 0) goto done;
+    Py_buffer *bufs[2] = {&a, &b};
+    const char *names[2] = {"a", "b"};
+    int64_t n;
+    if (check_lengths(&n, 2, bufs, codes, names)) goto done;
+    double res[4] = {0};
+    int flags = 0;
+    Py_BEGIN_ALLOW_THREADS
+#if HAVE_AVX2
+    if (have_avx2())
+        diff_avx2(a.buf, codes[0], b.buf, codes[1], n, res, &flags);
+    else
+#endif
+        diff_body(a.buf, codes[0], b.buf, codes[1], n, res, &flags);
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("(dddd)i", res[0], res[1], res[2], res[3], flags);
+done:
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&b);
+    return result;
+}
+
+PyDoc_STRVAR(error_steps_doc,
+"error_steps(out, out_dtype, sft, sft_dtype, aligned, aligned_dtype, alpha) -> (worst steps, elements > 1 off)\n\n"
+"`expo verify`'s check of stored output elements against the float64 formula (kernels.error_steps, element for\n"
+"element).");
+
+static PyObject *py_error_steps(PyObject *self, PyObject *args) {
+    Py_buffer out, sft, aligned;
+    const char *od, *sd, *ad;
+    double alpha;
+    if (!PyArg_ParseTuple(args, "y*sy*sy*sd:error_steps", &out, &od, &sft, &sd, &aligned, &ad, &alpha)) return NULL;
+    PyObject *result = NULL;
+    int codes[3] = {code_of(od), 0, 0};
+    if (codes[0] < 0 || (codes[1] = code_of(sd)) < 0 || (codes[2] = code_of(ad)) < 0) goto done;
+    Py_buffer *bufs[3] = {&out, &sft, &aligned};
+    const char *names[3] = {"out", "sft", "aligned"};
+    int64_t n;
+    if (check_lengths(&n, 3, bufs, codes, names)) goto done;
+    double res[2] = {0};
+    Py_BEGIN_ALLOW_THREADS
+    error_steps(out.buf, codes[0], sft.buf, codes[1], aligned.buf, codes[2], n, alpha, res);
+    Py_END_ALLOW_THREADS
+    result = Py_BuildValue("(dL)", res[0], (long long)res[1]);
+done:
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&sft);
+    PyBuffer_Release(&aligned);
+    return result;
+}
+
+static PyObject *py_target(PyObject *self, PyObject *unused) {
+    return PyUnicode_FromString(have_avx2() ? "avx2" : "generic");
+}
+
+static PyMethodDef methods[] = {
+    {"extrapolate", py_extrapolate, METH_VARARGS, extrapolate_doc},
+    {"diff_stats", py_diff_stats, METH_VARARGS, diff_stats_doc},
+    {"error_steps", py_error_steps, METH_VARARGS, error_steps_doc},
+    {"target", py_target, METH_NOARGS, "The loop extrapolate takes on this CPU: \"avx2\" or \"generic\"."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fused", "The fused CPU kernel (see _fused.c).", -1,
+                                    methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__fused(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    PyObject *sums = Py_BuildValue("(sssssss)", "sft2", "aligned2", "out2", "delta2", "update2", "max_delta",
+                                   "max_update");
+    PyObject *flags = Py_BuildValue("(sss)", "sft", "aligned", "out");
+    if (PyModule_AddIntConstant(m, "ABI", ABI) || !sums || PyModule_AddObject(m, "SUMS", sums) || !flags ||
+        PyModule_AddObject(m, "FLAGS", flags)) {
+        Py_XDECREF(sums);
+        Py_XDECREF(flags);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -374,7 +374,7 @@ def _compute(t: TensorPlan, s: np.ndarray | None, a: np.ndarray, out_buf: np.nda
     so, ss, sa = (dtypes.itemsize(d) for d in (t.dtype, t.sft.dtype, t.aligned.dtype))
     n = len(a) // sa
     out = a if in_place and t.aligned.dtype == t.dtype else out_buf[: n * so]
-    # Split the chunk over the compute threads (ctypes and torch release the GIL), each on whole blocks.
+    # Split the chunk over the compute threads (the compiled kernel and torch release the GIL), each on whole blocks.
     step = -(-n // (COMPUTE_THREADS * kernels.STATS_BLOCK)) * kernels.STATS_BLOCK
     parts = [pool.submit(kernels.extrapolate_bytes, out[i * so:(i + step) * so], t.dtype, s[i * ss:(i + step) * ss],
                          t.sft.dtype, a[i * sa:(i + step) * sa], t.aligned.dtype, t.alpha, stats)

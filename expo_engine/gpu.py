@@ -3,9 +3,9 @@ the copy engines and the GPU busy at the same time.
 
     out = aligned + alpha * (aligned - sft)
 
-in float32, rounded once to out's dtype, the same arithmetic as `kernels.extrapolate_chunk` (torch.lerp): for
-|alpha| < 0.5, fma(-alpha, sft - aligned, aligned); otherwise fma(-alpha - 1, sft - aligned, sft), the two forms
-torch's lerp picks between, each one fused multiply-add. On a GPU the arithmetic is free; what costs is moving
+in float32, rounded once to out's dtype, the same arithmetic as `kernels.extrapolate_chunk` (torch.lerp), in the form
+`kernels.form(alpha)` decides for every backend: fma(coeff, sft - aligned, aligned or sft), or aligned itself at
+alpha = 0. On a GPU the arithmetic is free; what costs is moving
 bytes: per element itemsize(sft) + itemsize(aligned) read and itemsize(out) written, over host-to-device,
 device-to-host and the disk.
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import math
 import os
 from collections.abc import Callable
 
@@ -37,8 +36,7 @@ from .reading import ALIGN, DEPTH
 
 BLOCK = 4096  # elements per Triton program (and per float32 partial sum): 8 warps, 16 elements per thread
 NUM_WARPS = 8
-# Partial sums per program: sum s^2, sum a^2, sum o^2, sum (s - a)^2, sum (o - a)^2, max |s - a|, max |o - a|
-# (s = sft, a = aligned, o = out as rounded), padded to 8. The order of kernels.extrapolate_chunk_stats.
+# Partial sums per program, in the order of kernels.Sums, padded to 8.
 _FIELDS = 8
 DEVICE_SETS = 2  # device buffer sets: one being copied in while the other is computed and copied out
 KERNELS = ("auto", "triton", "torch")
@@ -104,7 +102,8 @@ tl = None  # triton.language, imported by _triton_kernel on first use (importing
 
 def _expo_kernel(sft_ptr, aligned_ptr, out_ptr, parts_ptr, n, coeff,
                  FROM_SFT: tl.constexpr, KEEP: tl.constexpr, STATS: tl.constexpr, BLOCK: tl.constexpr):
-    """One program: BLOCK elements of the output and, with STATS, their row of partial sums (see _FIELDS)."""
+    """One program: BLOCK elements of the output and, with STATS, their row of partial sums (kernels.Sums' order).
+    coeff, FROM_SFT and KEEP are kernels.form(alpha)'s fields."""
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -145,14 +144,6 @@ def _triton_kernel():
     return triton.jit(_expo_kernel)
 
 
-def _lerp_form(alpha: float) -> tuple[bool, float]:
-    """torch.lerp(aligned, sft, w) with w = -alpha, as float32: (start from sft?, coefficient of sft - aligned)."""
-    w = torch.tensor(-alpha, dtype=torch.float32)
-    if abs(w.item()) < 0.5:
-        return False, w.item()
-    return True, (w - 1).item()  # w - 1 rounded in float32, as torch computes it
-
-
 def _check(out: torch.Tensor, sft: torch.Tensor, aligned: torch.Tensor) -> None:
     if not (out.dim() == sft.dim() == aligned.dim() == 1 and out.numel() == sft.numel() == aligned.numel()):
         raise ValueError("out, sft and aligned must be 1-D tensors of the same length")
@@ -177,77 +168,26 @@ def _launch_triton(out, sft, aligned, alpha: float, parts: torch.Tensor | None) 
     n = out.numel()
     if n == 0:
         return
-    from_sft, coeff = _lerp_form(alpha)
+    f = kernels.form(alpha)
     if out.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("the Triton kernel runs on CPU tensors only in Triton's interpreter: set "
                          "TRITON_INTERPRET=1 before triton is imported, or use kernel='torch'")
     grid = (-(-n // BLOCK),)
-    _triton_kernel()[grid](sft, aligned, out, out if parts is None else parts, n, coeff,
-                           FROM_SFT=from_sft, KEEP=alpha == 0, STATS=parts is not None, BLOCK=BLOCK,
+    _triton_kernel()[grid](sft, aligned, out, out if parts is None else parts, n, f.coeff,
+                           FROM_SFT=f.from_sft, KEEP=f.keep, STATS=parts is not None, BLOCK=BLOCK,
                            num_warps=NUM_WARPS)
-
-
-def _reduce(parts: torch.Tensor) -> torch.Tensor:
-    """Per-block partial sums -> 7 float64 values on their device: five sums, then the two maxima."""
-    if parts.shape[0] == 0:
-        return torch.zeros(7, dtype=torch.float64, device=parts.device)
-    return torch.cat([parts[:, :5].double().sum(0), parts[:, 5:7].amax(0).double()])
-
-
-def _torch_chunk(out, sft, aligned, alpha: float, stats: bool) -> torch.Tensor | None:
-    """The fallback, on any device: kernels.extrapolate_chunk(_stats)'s arithmetic with device scratch. Returns the
-    7 float64 sums of `_reduce` (on the device, not synchronised) when `stats`."""
-    wide = torch.float64 if torch.float64 in (sft.dtype, aligned.dtype, out.dtype) else torch.float32
-    if not stats and sft.dtype == aligned.dtype == out.dtype:
-        kernels.lerp(out, aligned, sft, alpha)
-        return None
-    n, dev = out.numel(), out.device
-    step = kernels.STATS_BLOCK if stats else kernels.BLOCK
-    m = min(n, step)
-    x, y, z = torch.empty(3, m, dtype=wide, device=dev)
-    parts = torch.empty(-(-n // step), _FIELDS, dtype=wide, device=dev)
-    for i, start in enumerate(range(0, n, step)):
-        stop = min(start + step, n)
-        s, a, o, r = x[: stop - start], y[: stop - start], z[: stop - start], parts[i]
-        s.copy_(sft[start:stop])
-        a.copy_(aligned[start:stop])
-        kernels.lerp(o, a, s, alpha)
-        out[start:stop].copy_(o)  # the one rounding
-        if not stats:
-            continue
-        if out.dtype != wide:
-            o.copy_(out[start:stop])  # the update as applied: rounded values
-        torch.dot(s, s, out=r[0])
-        torch.dot(a, a, out=r[1])
-        torch.dot(o, o, out=r[2])
-        s.sub_(a)  # sft - aligned = -D
-        torch.dot(s, s, out=r[3])
-        o.sub_(a)
-        torch.dot(o, o, out=r[4])
-        for v, j in ((s, 5), (o, 6)):  # max |v| in one pass, as the CPU kernel does
-            low, high = torch.aminmax(v)
-            torch.maximum(-low, high, out=r[j])
-    return _reduce(parts) if stats else None
 
 
 def _sums(out, sft, aligned, alpha: float, kernel: str, parts: torch.Tensor | None = None) -> torch.Tensor:
     """Compute `out` and return the statistics' 7 float64 sums on the device, without waiting for them."""
     if kernel == "torch":
-        return _torch_chunk(out, sft, aligned, alpha, True)
+        return kernels.torch_sums(out, sft, aligned, alpha, True)
     blocks = -(-out.numel() // BLOCK)
     if parts is None or parts.shape[0] < blocks:
         parts = torch.empty(blocks, _FIELDS, dtype=torch.float32, device=out.device)
     parts = parts[:blocks]
     _launch_triton(out, sft, aligned, alpha, parts)
-    return _reduce(parts)
-
-
-def _to_stats(n: int, sums) -> tuple[kernels.Stats, kernels.Stats]:
-    """(delta, update) from the 7 sums. `finite` is False when any of a pair's sums is not finite: a NaN or an Inf
-    in A or B makes its sum of squares NaN or Inf whatever a GPU's max does with NaN (it may skip it)."""
-    ss, aa, oo, dd, uu, max_d, max_u = (float(v) for v in sums)
-    return (kernels.Stats(n, dd, ss, aa, max_d, finite=all(map(math.isfinite, (ss, aa, dd, max_d)))),
-            kernels.Stats(n, uu, aa, oo, max_u, finite=all(map(math.isfinite, (aa, oo, uu, max_u)))))
+    return kernels.reduce_parts(parts)
 
 
 def extrapolate_chunk(out: torch.Tensor, sft: torch.Tensor, aligned: torch.Tensor, alpha: float,
@@ -261,7 +201,7 @@ def extrapolate_chunk(out: torch.Tensor, sft: torch.Tensor, aligned: torch.Tenso
     """
     _check(out, sft, aligned)
     if _pick(kernel, out, sft, aligned) == "torch":
-        _torch_chunk(out, sft, aligned, alpha, False)
+        kernels.torch_sums(out, sft, aligned, alpha, False)
     else:
         _launch_triton(out, sft, aligned, alpha, None)
 
@@ -276,7 +216,7 @@ def extrapolate_chunk_stats(out: torch.Tensor, sft: torch.Tensor, aligned: torch
     """
     _check(out, sft, aligned)
     sums = _sums(out, sft, aligned, alpha, _pick(kernel, out, sft, aligned))
-    return _to_stats(out.numel(), sums.tolist())
+    return kernels.Sums(*sums.tolist()).stats(out.numel())
 
 
 # --- the pipeline ---------------------------------------------------------------------------------------------
@@ -406,7 +346,7 @@ def _pipeline(plan, chunks, inputs, write, stats, kernel, found, hosts, devs, st
             done.synchronize()
         chunk_stats = None
         if sums is not None:
-            delta, update = _to_stats(c.stop - c.start, sums.tolist())
+            delta, update = kernels.Sums(*sums.tolist()).stats(c.stop - c.start)
             if not stats:  # as run_chunks: only the count, and whether the output may hold NaN or Inf
                 delta, update = kernels.Stats(delta.n), kernels.Stats(update.n, finite=update.finite)
             chunk_stats = (delta, update)

@@ -8,26 +8,31 @@ kernels know nothing of files; they take 1-D tensors of equal length and write i
 Bytes moved per element: itemsize(sft) + itemsize(aligned) read, itemsize(out) written. On this project's 2-core
 machine the math costs ~20-40 ms per 128 MB, against ~300 ms to write 128 MB, so the engine is I/O-bound.
 
-Two implementations of the same arithmetic:
-- the compiled kernel (`_fused.c`, built at install when a C compiler is there): one pass over memory, with the
-  statistics and the NaN/Inf flags for free; used for bfloat16, float16 and float32 in any combination;
-- torch ops (the `*_torch` functions): float64 data, and any install without the compiled kernel. The statistics
-  then cost ~14 passes over every block. `EXPO_KERNEL=torch` forces this path.
-Both compute torch.lerp's float32 arithmetic and round once, so their output bytes agree (tested).
+The form of the arithmetic (which lerp branch, the alpha = 0 rule) is decided once, by `form`, and the layout of the
+statistics once, by `Sums`; every backend takes them from here:
+- the compiled kernel (`_fused.c`, a CPython extension built at install when a C compiler is there): one pass over
+  memory, with the statistics and the NaN/Inf flags for free; used for bfloat16, float16 and float32 in any
+  combination;
+- torch ops (`torch_sums`, on the CPU and on a GPU without Triton): float64 data, and any install without the
+  compiled kernel. The statistics then cost ~14 passes over every block. `EXPO_KERNEL=torch` forces this path;
+- the Triton kernel (gpu.py), on a GPU.
+All compute torch.lerp's float32 arithmetic and round once, so their output bytes agree (tested), and all are
+tested against the float64 `reference` and `error_steps` at the end of this module.
 """
 
 from __future__ import annotations
 
-import ctypes
+import contextlib
 import math
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
 
 from . import dtypes
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
 
 # torch is imported by the functions that use it, not here: the engine's own path (numpy buffers and the compiled
@@ -38,45 +43,141 @@ if TYPE_CHECKING:
 BLOCK = 1 << 20
 
 
-_CODES = {"BF16": 0, "F16": 1, "F32": 2}  # the dtype codes of _fused.c
+# --- the form of the formula, for every backend ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Form:
+    """How every backend (the compiled kernel, Triton, torch ops) computes out for one alpha: torch.lerp's float32
+    arithmetic, lerp(aligned, sft, w) with w = float32(-alpha) and d = sft - aligned,
+
+        from_sft False: out = fma(coeff, d, aligned)   (|w| < 0.5: coeff = w)
+        from_sft True:  out = fma(coeff, d, sft)       (|w| >= 0.5: coeff = w - 1, rounded in float32)
+        keep:           out = aligned                  (w = 0: lerp's a + 0 * d would turn an aligned -0.0 into
+                                                        +0.0 where sft < aligned; alpha = 0 must give the aligned
+                                                        model bit for bit)
+
+    then one rounding to the output dtype."""
+
+    coeff: float
+    from_sft: bool
+    keep: bool
 
 
-def _load_native(kind: str = ""):
-    """The compiled kernel's entry point, or None (not built, or `kind` "torch"). `kind` (default: EXPO_KERNEL)
-    "generic" takes the untuned loop whatever the CPU."""
+def form(alpha: float) -> Form:
+    """The Form of `alpha` (see Form)."""
+    w = np.float32(-alpha)
+    if w == 0:
+        return Form(0.0, False, True)
+    if abs(w) < 0.5:
+        return Form(float(w), False, False)
+    return Form(float(w - np.float32(1)), True, False)
+
+
+class Sums(NamedTuple):
+    """The statistics' sums over a chunk, in the order every backend produces them (s = sft, a = aligned, o = out
+    as rounded, d = s - a): five sums of squares, then two maxima."""
+
+    sft2: float
+    aligned2: float
+    out2: float
+    delta2: float
+    update2: float
+    max_delta: float
+    max_update: float
+
+    def stats(self, n: int, nonfinite: int | None = None) -> tuple[Stats, Stats]:
+        """(delta, update): the change aligned - sft (A = sft, B = aligned) and the applied update out - aligned
+        (A = aligned, B = out). `nonfinite`: the compiled kernel's NONFINITE_* bits, exact; None: a pair counts
+        as finite when all its sums are (a NaN or an Inf in A or B makes its sum of squares NaN or Inf, whatever a
+        GPU's max does with NaN)."""
+        if nonfinite is None:
+            delta_ok = all(map(math.isfinite, (self.sft2, self.aligned2, self.delta2, self.max_delta)))
+            update_ok = all(map(math.isfinite, (self.aligned2, self.out2, self.update2, self.max_update)))
+        else:
+            delta_ok = not nonfinite & (NONFINITE_SFT | NONFINITE_ALIGNED)
+            update_ok = not nonfinite & (NONFINITE_ALIGNED | NONFINITE_OUT)
+        return (Stats(n, self.delta2, self.sft2, self.aligned2, self.max_delta, delta_ok),
+                Stats(n, self.update2, self.aligned2, self.out2, self.max_update, update_ok))
+
+
+# The compiled kernel's NaN/Inf bits: which side holds a NaN or an Inf somewhere (its FLAGS names them in order).
+NONFINITE_SFT, NONFINITE_ALIGNED, NONFINITE_OUT = 1, 2, 4
+
+
+# --- the compiled kernel ------------------------------------------------------------------------------------------
+
+ABI = 2  # the interface version of _fused.c this module calls (its ABI constant)
+NATIVE_DTYPES = ("BF16", "F16", "F32")
+NATIVE_KINDS = ("compiled", "generic", "torch")
+
+
+@dataclass(frozen=True)
+class Native:
+    """The compiled kernel (`_fused`, a CPython extension) as this module calls it: `generic` takes its untuned
+    loop whatever the CPU. Its functions take buffer objects (numpy arrays here), check their lengths, dtypes,
+    writability and overlap, raise ValueError on a mismatch and release the GIL."""
+
+    module: object
+    generic: bool
+
+    @property
+    def target(self) -> str:
+        return "generic" if self.generic else self.module.target()
+
+    def extrapolate(self, out, out_dtype: str, sft, sft_dtype: str, aligned, aligned_dtype: str, alpha: float,
+                    stats: bool) -> tuple[Sums, int]:
+        f = form(alpha)
+        sums, nonfinite = self.module.extrapolate(out, out_dtype, sft, sft_dtype, aligned, aligned_dtype, f.coeff,
+                                                  f.from_sft, f.keep, stats, self.generic)
+        return Sums(*sums), nonfinite
+
+
+def _stale(module) -> str | None:
+    """Why a built `_fused` is not the one this module calls, or None."""
+    if getattr(module, "ABI", None) != ABI:
+        return f"its interface is version {getattr(module, 'ABI', 1)}, this expo_engine calls version {ABI}"
+    if tuple(getattr(module, "SUMS", ())) != Sums._fields or tuple(getattr(module, "FLAGS", ())) != (
+            "sft", "aligned", "out"):
+        return "its statistics are laid out differently from kernels.Sums"
+    return None
+
+
+def load_native(kind: str = "") -> Native | None:
+    """The compiled kernel, or None (not built, stale, or `kind` "torch"). `kind` (default: EXPO_KERNEL):
+    "compiled" (the loop this CPU is tuned for), "generic" (the untuned loop whatever the CPU) or "torch"."""
     kind = (kind or os.environ.get("EXPO_KERNEL", "")).strip().lower()
     if kind == "torch":
         return None
     try:
         from . import _fused
-
-        lib = ctypes.CDLL(_fused.__file__)
-        fn = lib.expo_extrapolate_generic if kind == "generic" else lib.expo_extrapolate
-        diff = lib.expo_diff_stats
-        check = lib.expo_error_steps
-        target = lib.expo_kernel_target
-    except (ImportError, OSError, AttributeError):
-        # not built, or built from an older _fused.c (an editable install not rebuilt after a pull): torch ops
+    except ImportError:
         return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
-                   ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.POINTER(ctypes.c_double),
-                   ctypes.POINTER(ctypes.c_int)]
-    fn.restype = ctypes.c_int
-    diff.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
-                     ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_int)]
-    diff.restype = ctypes.c_int
-    fn.diff = diff
-    check.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
-                      ctypes.c_int64, ctypes.c_double, ctypes.POINTER(ctypes.c_double)]
-    check.restype = ctypes.c_int
-    fn.check = check
-    target.restype = ctypes.c_char_p
-    fn.target = "generic" if kind == "generic" else target().decode()
+    if _stale(_fused):  # built from an older _fused.c (an editable install not rebuilt after a pull): torch ops
+        return None
+    native = Native(_fused, kind == "generic")
     # The untuned loop is slower than torch's own kernels (measured 3x): by default it runs only when asked.
-    return fn if fn.target == "avx2" or kind == "generic" else None
+    return native if native.target == "avx2" or kind == "generic" else None
 
 
-_NATIVE = _load_native()
+_NATIVE = load_native()
+
+
+@contextlib.contextmanager
+def using(kind: str):
+    """Run the block with kernel `kind` ("compiled", "generic" or "torch"), for tests and benchmarks. Yields
+    False (and changes nothing) when the compiled kernel is asked for and not built here."""
+    global _NATIVE
+    if kind not in NATIVE_KINDS:
+        raise ValueError(f"kernel must be one of {NATIVE_KINDS}, not {kind!r}")
+    native = load_native(kind)
+    if kind != "torch" and native is None:
+        yield False
+        return
+    old, _NATIVE = _NATIVE, native
+    try:
+        yield True
+    finally:
+        _NATIVE = old
 
 
 def native_status() -> tuple[bool, str]:
@@ -91,13 +192,10 @@ def native_status() -> tuple[bool, str]:
     except ImportError:
         return False, ("compiled kernel not built (the install found no C compiler): torch ops do the arithmetic, "
                        "about 3x slower statistics; install a C compiler and run `pip install .` again")
-    lib = ctypes.CDLL(_fused.__file__)
-    missing = [name for name in ("expo_extrapolate", "expo_extrapolate_generic", "expo_diff_stats",
-                                 "expo_error_steps", "expo_kernel_target") if not hasattr(lib, name)]
-    if missing:
-        return False, (f"compiled kernel {_fused.__file__} is stale (built from an older _fused.c: it lacks "
-                       f"{', '.join(missing)}): torch ops do the arithmetic; rebuild it with `pip install -e .` "
-                       "(or `pip install .`) again")
+    why = _stale(_fused)
+    if why:
+        return False, (f"compiled kernel {_fused.__file__} is stale (built from an older _fused.c: {why}): torch "
+                       "ops do the arithmetic; rebuild it with `pip install -e .` (or `pip install .`) again")
     return True, (f"compiled kernel built ({_fused.__file__}) but not used on this CPU (no AVX2: its untuned loop "
                   "is slower than torch ops); EXPO_KERNEL=generic forces it")
 
@@ -110,48 +208,36 @@ def native_kernel() -> str | None:
 def native_handles(out_dtype: str, sft_dtype: str, aligned_dtype: str, stats: bool) -> bool:
     """Whether the compiled kernel computes this dtype triple (safetensors names) here."""
     triple = (out_dtype, sft_dtype, aligned_dtype)
-    if _NATIVE is None or not all(d in _CODES for d in triple):
+    if _NATIVE is None or not all(d in NATIVE_DTYPES for d in triple):
         return False
     # float16 rounding costs the compiled loop ~3x bfloat16's (85 vs 26 ms per 32 M elements): without
     # statistics torch.lerp (33 ms with its NaN/Inf check) is faster
     return stats or "F16" not in triple
 
 
-def _call_native(out: int, out_dtype: str, sft: int, sft_dtype: str, aligned: int, aligned_dtype: str, n: int,
-                 alpha: float, stats: bool):
-    """The compiled kernel on raw addresses: (7 sums, NaN/Inf flags), or None for a dtype this build lacks."""
-    res, flags = (ctypes.c_double * 7)(), ctypes.c_int(0)
-    if _NATIVE(out, _CODES[out_dtype], sft, _CODES[sft_dtype], aligned, _CODES[aligned_dtype], n, alpha,
-               int(stats), res, ctypes.byref(flags)):
-        return None  # an unknown dtype code
-    return list(res), flags.value
+def _bytes(t: torch.Tensor) -> np.ndarray:
+    """A contiguous 1-D CPU tensor's bytes as a numpy uint8 array (no copy)."""
+    import torch
+
+    return t.view(torch.uint8).numpy()
 
 
 def _native(out: torch.Tensor, sft: torch.Tensor, aligned: torch.Tensor, alpha: float, stats: bool):
-    """Run the compiled kernel if it handles these tensors: returns (7 sums, NaN/Inf flags), else None."""
+    """Run the compiled kernel if it handles these tensors: returns (Sums, NaN/Inf bits), else None."""
     names = [dtypes.NAME.get(t.dtype) for t in (out, sft, aligned)]
     if not (native_handles(*names, stats) and all(t.device.type == "cpu" and t.is_contiguous()
                                                   for t in (out, sft, aligned))):
         return None
-    return _call_native(out.data_ptr(), names[0], sft.data_ptr(), names[1], aligned.data_ptr(), names[2],
-                        out.numel(), alpha, stats)
-
-
-def _stats_of(n: int, done) -> tuple[Stats, Stats]:
-    (ss, aa, oo, dd, uu, max_d, max_u), flags = done
-    return Stats(n, dd, ss, aa, max_d, not flags & 3), Stats(n, uu, aa, oo, max_u, not flags & 6)
+    return _NATIVE.extrapolate(_bytes(out), names[0], _bytes(sft), names[1], _bytes(aligned), names[2], alpha, stats)
 
 
 def diff_stats_bytes(a: np.ndarray, a_dtype: str, b: np.ndarray, b_dtype: str) -> Stats | None:
     """`expo norms`' statistics of b - a over elements held in numpy uint8 arrays, summed in float64 by the
     compiled kernel in one pass; None when it does not handle these dtypes (the caller uses torch ops)."""
-    if _NATIVE is None or a_dtype not in _CODES or b_dtype not in _CODES:
+    if _NATIVE is None or a_dtype not in NATIVE_DTYPES or b_dtype not in NATIVE_DTYPES:
         return None
-    n = len(a) // dtypes.itemsize(a_dtype)
-    res, flags = (ctypes.c_double * 4)(), ctypes.c_int(0)
-    if _NATIVE.diff(a.ctypes.data, _CODES[a_dtype], b.ctypes.data, _CODES[b_dtype], n, res, ctypes.byref(flags)):
-        return None
-    return Stats(n, res[2], res[0], res[1], res[3], not flags.value & 3)
+    (aa, bb, dd, max_d), nonfinite = _NATIVE.module.diff_stats(a, a_dtype, b, b_dtype)
+    return Stats(len(a) // dtypes.itemsize(a_dtype), dd, aa, bb, max_d, not nonfinite & 3)
 
 
 def extrapolate_bytes(out: np.ndarray, out_dtype: str, sft: np.ndarray, sft_dtype: str, aligned: np.ndarray,
@@ -164,10 +250,8 @@ def extrapolate_bytes(out: np.ndarray, out_dtype: str, sft: np.ndarray, sft_dtyp
     """
     n = len(out) // dtypes.itemsize(out_dtype)
     if native_handles(out_dtype, sft_dtype, aligned_dtype, stats):
-        done = _call_native(out.ctypes.data, out_dtype, sft.ctypes.data, sft_dtype, aligned.ctypes.data,
-                            aligned_dtype, n, alpha, stats)
-        if done is not None:
-            return _stats_of(n, done) if stats else (Stats(n), Stats(n, finite=not done[1] & 4))
+        sums, nonfinite = _NATIVE.extrapolate(out, out_dtype, sft, sft_dtype, aligned, aligned_dtype, alpha, stats)
+        return sums.stats(n, nonfinite) if stats else (Stats(n), Stats(n, finite=not nonfinite & NONFINITE_OUT))
     import torch
 
     o, s, a = (torch.from_numpy(x).view(dtypes.TORCH[d])
@@ -197,10 +281,9 @@ def extrapolate_chunk_checked(out: torch.Tensor, sft: torch.Tensor, aligned: tor
 
 
 def lerp(out: torch.Tensor, aligned: torch.Tensor, sft: torch.Tensor, alpha: float) -> torch.Tensor:
-    """`torch.lerp(aligned, sft, -alpha, out=out)`, except that alpha = 0 copies `aligned` (rounded once to out's
-    dtype): lerp's a + 0 * d turns an aligned -0.0 into +0.0 where sft < aligned, and alpha = 0 must give the
-    aligned model bit for bit."""
-    if alpha == 0:
+    """`torch.lerp(aligned, sft, -alpha, out=out)` (which is `Form`'s arithmetic itself), with Form's keep rule:
+    where it says keep (alpha = 0), `aligned` is copied (rounded once to out's dtype)."""
+    if form(alpha).keep:
         return out.copy_(aligned)
     import torch
 
@@ -209,23 +292,7 @@ def lerp(out: torch.Tensor, aligned: torch.Tensor, sft: torch.Tensor, alpha: flo
 
 def extrapolate_chunk_torch(out: torch.Tensor, sft: torch.Tensor, aligned: torch.Tensor, alpha: float) -> None:
     """`extrapolate_chunk` with torch ops."""
-    import torch
-
-    if sft.dtype == aligned.dtype == out.dtype:
-        # lerp(a, s, w) = a + w * (s - a); with w = -alpha that is the formula itself. For bf16/fp16 torch computes
-        # it in float32 and rounds once; alpha = 0 returns aligned bit for bit.
-        lerp(out, aligned, sft, alpha)
-        return
-    wide = torch.float64 if torch.float64 in (sft.dtype, aligned.dtype, out.dtype) else torch.float32
-    n = out.numel()
-    a_buf = torch.empty(min(n, BLOCK), dtype=wide)
-    s_buf = torch.empty(min(n, BLOCK), dtype=wide)
-    for start in range(0, n, BLOCK):
-        stop = min(start + BLOCK, n)
-        a = a_buf[: stop - start].copy_(aligned[start:stop])
-        s = s_buf[: stop - start].copy_(sft[start:stop])
-        lerp(a, a, s, alpha)
-        out[start:stop].copy_(a)  # the one rounding (round to nearest even)
+    torch_sums(out, sft, aligned, alpha, False)
 
 
 @dataclass
@@ -275,12 +342,11 @@ def add_stats(found: dict[str, tuple[Stats, Stats]], name: str, delta: Stats, up
         found[name] = (delta, update)
 
 
-# The torch ops path (extrapolate_chunk_stats_torch, and gpu.py's torch fallback) takes one float32 dot product per
-# block of this many elements and adds the blocks in float64 (float64 throughout when a tensor is float64). The
-# compiled kernel's float32 sums are shorter: 8 lanes of 128 elements, added into float64 every 1024 elements
-# (_fused.c's BLOCK); the Triton kernel's cover gpu.BLOCK (4096) elements. Relative error of the sums of squares
-# against float64, measured on 786k bfloat16 elements: up to ~7e-6 with torch ops, ~1e-7 compiled (tests allow 1e-4
-# and 1e-6).
+# The torch ops path (torch_sums, on the CPU and on a GPU without Triton) takes one float32 dot product per block of
+# this many elements and adds the blocks in float64 (float64 throughout when a tensor is float64). The compiled
+# kernel's float32 sums are shorter: 8 lanes of 128 elements, added into float64 every 1024 elements (_fused.c's
+# BLOCK); the Triton kernel's cover gpu.BLOCK (4096) elements. Relative error of the sums of squares against float64,
+# measured on 786k bfloat16 elements: up to ~7e-6 with torch ops, ~1e-7 compiled (tests allow 1e-4 and 1e-6).
 STATS_BLOCK = 1 << 18
 
 
@@ -296,33 +362,44 @@ def extrapolate_chunk_stats(out: torch.Tensor, sft: torch.Tensor, aligned: torch
     done = _native(out, sft, aligned, alpha, True)
     if done is None:
         return extrapolate_chunk_stats_torch(out, sft, aligned, alpha)
-    return _stats_of(out.numel(), done)
+    sums, nonfinite = done
+    return sums.stats(out.numel(), nonfinite)
 
 
 def extrapolate_chunk_stats_torch(out: torch.Tensor, sft: torch.Tensor, aligned: torch.Tensor,
                                   alpha: float) -> tuple[Stats, Stats]:
-    """`extrapolate_chunk_stats` with torch ops: each block of STATS_BLOCK elements is widened once, used for the
-    output and all the sums, and dropped. `finite` is False when a sum or a maximum is not finite."""
+    """`extrapolate_chunk_stats` with torch ops. `finite` is False when a sum or a maximum is not finite."""
+    return Sums(*torch_sums(out, sft, aligned, alpha, True).tolist()).stats(out.numel())
+
+
+def torch_sums(out: torch.Tensor, sft: torch.Tensor, aligned: torch.Tensor, alpha: float,
+               stats: bool) -> torch.Tensor | None:
+    """The formula with torch ops on the tensors' device (the CPU, or a GPU without Triton), and with `stats` the
+    chunk's Sums as 7 float64 values on that device, not waited for. Each block (STATS_BLOCK elements with
+    statistics, BLOCK without) is widened once into reused scratch, used for the output and all the sums, and
+    dropped; tensors of one dtype without statistics take torch.lerp directly."""
     import torch
 
+    if not stats and sft.dtype == aligned.dtype == out.dtype:
+        lerp(out, aligned, sft, alpha)  # bf16/fp16: torch computes in float32 and rounds once
+        return None
     wide = torch.float64 if torch.float64 in (sft.dtype, aligned.dtype, out.dtype) else torch.float32
-    n = out.numel()
-    m = min(n, STATS_BLOCK)
-    x, y, z = torch.empty(3, m, dtype=wide)
-    parts = torch.empty(-(-n // STATS_BLOCK), 5, dtype=wide)
-    low = torch.empty(parts.shape[0], 2, dtype=wide)
-    high = torch.empty(parts.shape[0], 2, dtype=wide)
-    for i, start in enumerate(range(0, n, STATS_BLOCK)):
-        stop = min(start + STATS_BLOCK, n)
+    n, dev = out.numel(), out.device
+    step = STATS_BLOCK if stats else BLOCK
+    m = min(n, step)
+    x, y, z = torch.empty(3, m, dtype=wide, device=dev)
+    parts = torch.empty(-(-n // step), len(Sums._fields), dtype=wide, device=dev)
+    for i, start in enumerate(range(0, n, step)):
+        stop = min(start + step, n)
         s, a, o, r = x[: stop - start], y[: stop - start], z[: stop - start], parts[i]
         s.copy_(sft[start:stop])
         a.copy_(aligned[start:stop])
-        lerp(o, a, s, alpha)  # the same float32 (float64) arithmetic as extrapolate_chunk
+        lerp(o, a, s, alpha)
+        out[start:stop].copy_(o)  # the one rounding (round to nearest even)
+        if not stats:
+            continue
         if out.dtype != wide:
-            out[start:stop].copy_(o)  # the one rounding
             o.copy_(out[start:stop])  # the update as applied: rounded values
-        else:
-            out[start:stop].copy_(o)
         torch.dot(s, s, out=r[0])
         torch.dot(a, a, out=r[1])
         torch.dot(o, o, out=r[2])
@@ -330,12 +407,20 @@ def extrapolate_chunk_stats_torch(out: torch.Tensor, sft: torch.Tensor, aligned:
         torch.dot(s, s, out=r[3])
         o.sub_(a)  # the applied update
         torch.dot(o, o, out=r[4])
-        torch.aminmax(s, out=(low[i, 0], high[i, 0]))
-        torch.aminmax(o, out=(low[i, 1], high[i, 1]))
-    ss, aa, oo, dd, uu = parts.double().sum(0).tolist()
-    max_d, max_u = torch.maximum(-low.min(0).values, high.max(0).values).double().tolist()
-    return (Stats(n, dd, ss, aa, max_d, math.isfinite(max_d) and math.isfinite(aa)),
-            Stats(n, uu, aa, oo, max_u, math.isfinite(max_u) and math.isfinite(oo)))
+        for v, j in ((s, 5), (o, 6)):  # max |v| in one pass (NaN propagates)
+            low, high = torch.aminmax(v)
+            torch.maximum(-low, high, out=r[j])
+    return reduce_parts(parts) if stats else None
+
+
+def reduce_parts(parts: torch.Tensor) -> torch.Tensor:
+    """Per-block partial Sums (rows; columns in Sums' order, any padding after them) -> 7 float64 values on their
+    device: the five sums added in float64, then the two maxima."""
+    import torch
+
+    if parts.shape[0] == 0:
+        return torch.zeros(7, dtype=torch.float64, device=parts.device)
+    return torch.cat([parts[:, :5].double().sum(0), parts[:, 5:7].amax(0).double()])
 
 
 def maybe_nonfinite(x: torch.Tensor) -> bool:
@@ -378,12 +463,10 @@ def error_counts(out: torch.Tensor, sft: torch.Tensor, aligned: torch.Tensor, al
     """(worst steps, elements more than one step off) of `error_steps` over contiguous CPU tensors: one pass of the
     compiled checker where it handles the dtypes (no float64 copies), else torch ops in blocks."""
     names = [dtypes.NAME.get(t.dtype) for t in (out, sft, aligned)]
-    if (_NATIVE is not None and all(n in _CODES for n in names) and out.numel() == sft.numel() == aligned.numel()
+    if (_NATIVE is not None and all(n in NATIVE_DTYPES for n in names) and out.numel() == sft.numel() == aligned.numel()
             and all(t.device.type == "cpu" and t.is_contiguous() for t in (out, sft, aligned))):
-        res = (ctypes.c_double * 2)()
-        if not _NATIVE.check(out.data_ptr(), _CODES[names[0]], sft.data_ptr(), _CODES[names[1]], aligned.data_ptr(),
-                             _CODES[names[2]], out.numel(), alpha, res):
-            return res[0], int(res[1])
+        return _NATIVE.module.error_steps(_bytes(out), names[0], _bytes(sft), names[1], _bytes(aligned), names[2],
+                                          alpha)
     worst, bad = 0.0, 0
     for start in range(0, out.numel(), BLOCK):  # float64 scratch stays small
         stop = start + BLOCK

@@ -56,18 +56,13 @@ def pair(pairs):
 
 
 @pytest.fixture(params=["compiled", "generic", "torch"])
-def kernel(request, monkeypatch):
+def kernel(request):
     """Run a kernel test on each implementation: the compiled kernel as this CPU runs it, its untuned loop, and
     torch ops. Without a built kernel (an install with no C compiler) its cases skip, saying so; CI sets
     EXPO_REQUIRE_NATIVE=1, where they fail instead (see require_native)."""
     from expo_engine import kernels
 
-    if request.param == "torch":
-        monkeypatch.setattr(kernels, "_NATIVE", None)
-    else:
-        fn = kernels._load_native("generic" if request.param == "generic" else "compiled")
-        if fn is None:
+    with kernels.using(request.param) as available:
+        if not available:
             require_native("expo_engine/_fused.c is not built (pip install -e . with a C compiler)")
-        monkeypatch.setattr(kernels, "_NATIVE", fn)
-    return request.param
-
+        yield request.param

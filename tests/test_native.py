@@ -72,12 +72,8 @@ def _same(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _run(impl, out, s, a, alpha, stats):
     fn = kernels.extrapolate_chunk_stats if stats else kernels.extrapolate_chunk_checked
-    old = kernels._NATIVE
-    kernels._NATIVE = impl
-    try:
+    with kernels.using(impl):
         return fn(out, s, a, alpha)
-    finally:
-        kernels._NATIVE = old
 
 
 IMPLS = ["compiled", "generic"]
@@ -85,10 +81,10 @@ IMPLS = ["compiled", "generic"]
 
 @pytest.fixture(scope="module")
 def impls():
-    got = {kind: kernels._load_native(kind) for kind in IMPLS}
-    if not all(got.values()):
+    """The implementations to compare (their names for kernels.using); the compiled ones must be built."""
+    if kernels.load_native("compiled") is None or kernels.load_native("generic") is None:
         require_native("expo_engine/_fused.c is not built (pip install -e . with a C compiler)")
-    return got
+    return {kind: kind for kind in [*IMPLS, "torch"]}
 
 
 @pytest.mark.parametrize("ds,da,do", list(itertools.product(FLOATS, FLOATS, FLOATS)))
@@ -229,21 +225,101 @@ def test_alpha_zero_is_aligned_bit_for_bit_even_for_negative_zero(impls, dtype, 
     bits = {2: torch.int16, 4: torch.int32}[a.element_size()]
     for impl in [*IMPLS, "torch"]:
         out = torch.empty_like(a)
-        _run(impls.get(impl), out, s, a, 0.0, stats)
+        _run(impls[impl], out, s, a, 0.0, stats)
         assert torch.equal(out.view(bits), a.view(bits)), impl
 
 
-def test_a_stale_compiled_kernel_falls_back_to_torch(monkeypatch):
-    """A `_fused` library without the symbols this version calls (an editable install not rebuilt after an
-    update) must not break `import expo_engine`: the loader returns None and torch ops do the work."""
-    import ctypes
+@pytest.fixture
+def stale_build(monkeypatch):
+    """`_fused` as an editable install not rebuilt after a pull leaves it: the ctypes-era module, a CPython
+    extension with no functions and no ABI. The real build must be there first: it is the one being replaced."""
+    import sys
+    import types
 
     if kernels.native_kernel() is None:
         require_native("no compiled kernel here, so there is no stale one to fall back from")
-    loaded = []
-    monkeypatch.setattr(ctypes, "CDLL", lambda path: loaded.append(path) or object())
-    assert kernels._load_native() is None
-    assert loaded and loaded[0].endswith(".so"), loaded  # the built library was found and opened, then refused
+    real = sys.modules["expo_engine._fused"]
+    old = types.ModuleType("expo_engine._fused", "The fused CPU kernel (called through ctypes).")
+    old.__file__ = real.__file__
+    monkeypatch.setitem(sys.modules, "expo_engine._fused", old)
+    monkeypatch.setattr(sys.modules["expo_engine"], "_fused", old)
+    return old
+
+
+def test_a_stale_compiled_kernel_falls_back_to_torch(stale_build):
+    """A stale `_fused` must not break `import expo_engine` or run: the loader refuses it and torch ops do the
+    work, with the same bytes."""
+    assert kernels.load_native("compiled") is None and kernels.load_native("generic") is None
+    with kernels.using("compiled") as available:
+        assert not available
+    stale_build.ABI, stale_build.SUMS, stale_build.FLAGS = kernels.ABI, ("sft2",), ("sft", "aligned", "out")
+    assert kernels.load_native() is None, "a build whose statistics are laid out differently is stale too"
+
+
+def test_the_extension_checks_its_buffers():
+    """The compiled functions check what they are given: a wrong length, dtype or a read-only output raise instead
+    of writing past a buffer; an output overlapping an input other than exactly is refused."""
+    import numpy as np
+
+    native = kernels.load_native("generic")
+    if native is None:
+        require_native("expo_engine/_fused.c is not built (pip install -e . with a C compiler)")
+    mod = native.module
+    out, s, a = np.zeros(16, np.uint8), np.zeros(16, np.uint8), np.zeros(16, np.uint8)
+    args = (0.3, False, False, True, False)
+    mod.extrapolate(out, "BF16", s, "BF16", a, "BF16", *args)  # 8 elements each: fine
+    mod.extrapolate(a, "BF16", s, "BF16", a, "BF16", *args)  # in place: fine
+    for bad, what in [((out, "BF16", s[:14], "BF16", a, "BF16"), "sft holds 14 bytes"),
+                      ((out, "BF16", s, "BF16", a, "F32"), "aligned holds 16 bytes"),
+                      ((out[:15], "BF16", s, "BF16", a, "BF16"), "not a whole number"),
+                      ((out, "F64", s, "BF16", a, "BF16"), "not F64"),
+                      ((out[2:], "BF16", out[:14], "BF16", a[2:], "BF16"), "overlaps sft"),
+                      ((a[:8], "BF16", s[:8], "BF16", a[:16:2].copy(), "BF16"), None)]:
+        if what is None:
+            mod.extrapolate(*bad, *args)  # a copy: no overlap
+            continue
+        with pytest.raises(ValueError, match=what):
+            mod.extrapolate(*bad, *args)
+    frozen = np.zeros(16, np.uint8)
+    frozen.flags.writeable = False
+    with pytest.raises((TypeError, BufferError)):
+        mod.extrapolate(frozen, "BF16", s, "BF16", a, "BF16", *args)
+    with pytest.raises(ValueError, match="b holds 14 bytes"):
+        mod.diff_stats(s, "BF16", a[:14], "BF16")
+    with pytest.raises(ValueError, match="sft holds 14 bytes"):
+        mod.error_steps(out, "BF16", s[:14], "BF16", a, "BF16", 0.3)
+
+
+def test_the_extension_releases_the_gil():
+    """While one thread is inside the compiled kernel, another runs Python: the executor's compute threads and the
+    reader and writer threads depend on it."""
+    import threading
+    import time
+
+    import numpy as np
+
+    native = kernels.load_native("generic")
+    if native is None:
+        require_native("expo_engine/_fused.c is not built (pip install -e . with a C compiler)")
+    n = 1 << 25
+    s, a, out = np.zeros(2 * n, np.uint8), np.zeros(2 * n, np.uint8), np.zeros(2 * n, np.uint8)
+    span, ticks = [], []
+
+    def work():
+        t0 = time.perf_counter()
+        native.extrapolate(out, "BF16", s, "BF16", a, "BF16", 0.3, True)
+        span.extend((t0, time.perf_counter()))
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    while worker.is_alive():
+        ticks.append(time.perf_counter())
+    worker.join()
+    t0, t1 = span
+    quarter = (t1 - t0) / 4
+    assert t1 - t0 > 0.03, span  # long enough to tell the two apart
+    # held, the GIL would stop this thread for the whole call: no tick in its middle half
+    assert any(t0 + quarter < t < t1 - quarter for t in ticks), "no Python ran while the kernel did"
 
 
 def _outputs_to_check(s, a, alpha, do, seed):
@@ -280,7 +356,7 @@ def test_compiled_checker_agrees_with_torch_error_steps(impls, ds, da, do):
                 assert one == (steps[i].item(), int(steps[i] > 1)), (i, out[i], s[i], a[i], alpha)
 
 
-def test_checker_falls_back_to_torch_without_the_kernel(monkeypatch):
+def test_checker_falls_back_to_torch_without_the_kernel():
     """Without the kernel, torch ops count the same errors as the compiled checker did (which must be there to
     give the answer to compare with)."""
     if kernels.native_kernel() is None:
@@ -288,8 +364,8 @@ def test_checker_falls_back_to_torch_without_the_kernel(monkeypatch):
     s, a = _data(1000, torch.bfloat16, torch.bfloat16, 3)
     out = _outputs_to_check(s, a, 0.3, torch.bfloat16, 3)[1]
     want = kernels.error_counts(out, s, a, 0.3)  # the compiled checker
-    monkeypatch.setattr(kernels, "_NATIVE", None)
-    assert kernels.error_counts(out, s, a, 0.3) == want and want[1] > 0
+    with kernels.using("torch"):
+        assert kernels.error_counts(out, s, a, 0.3) == want and want[1] > 0
 
 
 @pytest.mark.parametrize("do", [torch.bfloat16, torch.float16])
@@ -322,19 +398,21 @@ def test_checker_takes_torch_ops_for_strided_views():
     assert kernels.error_counts(out[::2], s[::2], a[::2], 0.3) == (steps.max().item(), int((steps > 1).sum()))
 
 
-def test_expo_doctor_reports_a_stale_build(monkeypatch, capsys):
-    """A built library without the symbols this version calls: `expo doctor` says so and how to fix it, exit 1
-    (the engine itself falls back to torch ops, see above)."""
-    import ctypes
+def test_expo_doctor_reports_a_stale_build(capsys, stale_build):
+    """A stale build: `expo doctor` says so and how to fix it, exit 1 (the engine itself falls back to torch ops,
+    see above)."""
+    from expo_engine.cli import main
 
+    with kernels.using("torch"):  # as the engine loaded it at import, with the stale build: no compiled kernel
+        assert main(["doctor"]) == 1
+    out = capsys.readouterr().out
+    assert "is stale" in out and "pip install -e ." in out and "interface is version 1" in out, out
+
+
+def test_expo_doctor_reports_the_kernel_in_use(capsys):
     from expo_engine.cli import main
 
     if kernels.native_kernel() is None:
-        require_native("no compiled kernel here, so there is no stale one to report")
+        require_native("no compiled kernel here to report")
     assert main(["doctor"]) == 0
     assert "kernel: compiled kernel in use: avx2" in capsys.readouterr().out
-    monkeypatch.setattr(kernels, "_NATIVE", None)
-    monkeypatch.setattr(ctypes, "CDLL", lambda path: object())
-    assert main(["doctor"]) == 1
-    out = capsys.readouterr().out
-    assert "is stale" in out and "pip install -e ." in out and "expo_extrapolate" in out, out
