@@ -9,6 +9,8 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import traceback
 
 import pytest
@@ -315,3 +317,25 @@ def overflowing(tmp_path, **kw):
         a[OVERFLOWING][3, 5] = 60000.0
 
     return make_pair(tmp_path, sft_edit=sft_edit, aligned_edit=aligned_edit, **kw)
+
+
+def nudge_element(out: str, shard: str | None = None, index: int = 5, steps: int = 16) -> tuple[str, str]:
+    """Move element `index` of the first 2-D bf16 tensor in output shard `shard` (default: the last) by `steps`
+    bf16 steps (its bits + steps: still finite), found through the shard's own header; returns (shard, tensor)."""
+    from expo_engine.sources import read_safetensors_layout
+
+    shard = shard or sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))[-1]
+    slot = next(s for s in read_safetensors_layout(os.path.join(out, shard)) if len(s.shape) == 2)
+    assert slot.dtype == "BF16"
+    with open(slot.file, "r+b") as f:
+        f.seek(slot.offset + 2 * index)
+        (bits,) = struct.unpack("<H", f.read(2))
+        f.seek(slot.offset + 2 * index)
+        f.write(struct.pack("<H", bits + steps))
+    return shard, slot.name
+
+
+def expo_process(*args, env: dict | None = None, cwd=None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The real CLI in a process of its own (`python -m expo_engine.cli ARGS`), offline, its output captured."""
+    return subprocess.run([sys.executable, "-m", "expo_engine.cli", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})

@@ -7,12 +7,11 @@ import json
 import os
 import re
 import shutil
-import struct
 import sys
 from types import SimpleNamespace
 
 import pytest
-from helpers import assert_user_error, copy_tree
+from helpers import assert_user_error, copy_tree, nudge_element
 
 from expo_engine import cli, extrapolate, norms
 from expo_engine.cli import main
@@ -146,22 +145,6 @@ def out(made, tmp_path):
     return copy_tree(made, str(tmp_path / "expo"))
 
 
-def _flip_element(out: str) -> tuple[str, str]:
-    """Flip the top mantissa bit of one bf16 element of a 2-D tensor (64 steps, still finite), found through the
-    shard's own header; returns (shard, tensor)."""
-    shard = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))[-1]
-    with open(os.path.join(out, shard), "r+b") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-        name, info = next((k, v) for k, v in header.items() if k != "__metadata__" and len(v["shape"]) == 2)
-        assert info["dtype"] == "BF16"
-        f.seek(8 + n + info["data_offsets"][0] + 2 * 5)
-        (bits,) = struct.unpack("<H", f.read(2))
-        f.seek(-2, os.SEEK_CUR)
-        f.write(struct.pack("<H", bits ^ 0x0040))
-    return shard, name
-
-
 def test_verify_passes_a_correct_output(pair, out, capsys):
     assert main(["verify", out, "--sft", pair.sft, "--aligned", pair.aligned]) == 0
     printed = capsys.readouterr().out
@@ -173,7 +156,7 @@ def test_verify_passes_a_correct_output(pair, out, capsys):
 
 
 def test_verify_fails_naming_the_tensor_of_a_flipped_element(pair, out, capsys):
-    shard, name = _flip_element(out)
+    shard, name = nudge_element(out, steps=64)
     assert main(["verify", out, "--sft", pair.sft, "--aligned", pair.aligned]) == 1
     printed = capsys.readouterr().out
     assert printed.startswith(f"verify {out}: FAILED")
@@ -182,7 +165,7 @@ def test_verify_fails_naming_the_tensor_of_a_flipped_element(pair, out, capsys):
 
 
 def test_verify_structure_only_fails_on_a_changed_byte(out, capsys):
-    shard, _ = _flip_element(out)
+    shard, _ = nudge_element(out, steps=64)
     assert main(["verify", out]) == 1
     printed = capsys.readouterr().out
     assert printed.startswith(f"verify {out}: FAILED (1 problem(s), 0 failing tensor(s))")

@@ -13,8 +13,6 @@ import io
 import os
 import pickle
 import struct
-import subprocess
-import sys
 import zipfile
 
 import pytest
@@ -29,6 +27,7 @@ from helpers import (
     aligned_from,
     assert_user_error,
     cli_args,
+    expo_process,
     leftovers,
     make_pair,
     read_json,
@@ -630,17 +629,11 @@ def test_inputs_are_opened_read_only(tmp_path, capsys, monkeypatch, outcome):
 # A real process: exit status 2 and no traceback
 
 
-def _run_process(tmp_path, *args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "expo_engine.cli", "extrapolate", *map(str, args)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-
-
 def test_process_shape_mismatch(tmp_path):
     sft, aligned = make_pair(tmp_path, sft_edit=lambda s: s.update({"lm_head.weight": s["lm_head.weight"][:-1]}))
     out = tmp_path / "out"
     with unchanged(tmp_path, out):
-        proc = _run_process(tmp_path, *cli_args(sft, aligned, out))
+        proc = expo_process("extrapolate", *cli_args(sft, aligned, out), cwd=tmp_path)
     assert proc.stdout == ""
     assert_user_error(proc.returncode, proc.stderr, "lm_head.weight", f"[{VOCAB - 1}, {HIDDEN}]")
 
@@ -650,6 +643,6 @@ def test_process_unsafe_pickle(tmp_path):
     sft, aligned = make_pair(tmp_path, sft_edit=lambda s: s.update({"x": RunsShell(marker)}), sft_layout="bin")
     out = tmp_path / "out"
     with unchanged(tmp_path, out):
-        proc = _run_process(tmp_path, *cli_args(sft, aligned, out))
+        proc = expo_process("extrapolate", *cli_args(sft, aligned, out), cwd=tmp_path)
     assert_user_error(proc.returncode, proc.stderr, "sft/pytorch_model.bin", "refuses to unpickle")
     assert not marker.exists()

@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from helpers import assert_user_error, cli_args, leftovers, make_pair, unchanged
+from helpers import assert_user_error, cli_args, expo_process, leftovers, make_pair, unchanged
 
 from expo_engine import extrapolate
 from expo_engine.errors import InputChangedError, OutputError
@@ -137,9 +137,8 @@ def test_in_process_run_stopped_by_a_signal(tmp_path, sig):
         last = [x for x in stderr.splitlines() if x.startswith("expo: ")][-1]
         assert last.startswith("expo: interrupted;") and "run the same command again to resume" in last, stderr
         assert not os.path.lexists(out) and os.path.isdir(staging_path(out))
-        again = subprocess.run([sys.executable, "-m", "expo_engine.cli", "extrapolate", "--sft", sft, "--aligned",
-                                aligned, "--alpha", "0.5", "--out", out, "--chunk-mb", "0.001", "--no-stats",
-                                "--unit-mb", "0.001"], env=env, capture_output=True, text=True, timeout=120)
+        again = expo_process("extrapolate", "--sft", sft, "--aligned", aligned, "--alpha", "0.5", "--out", out,
+                             "--chunk-mb", "0.001", "--no-stats", "--unit-mb", "0.001")
     assert again.returncode == 0, again.stderr
     assert "resuming from" in again.stderr and "resumed:" in again.stdout, (again.stdout, again.stderr)
     assert not leftovers(out)

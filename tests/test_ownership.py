@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from helpers import assert_user_error, leftovers, make_pair
+from helpers import assert_user_error, expo_process, leftovers, make_pair
 
 from expo_engine import verify
 from expo_engine.ownership import OutputLock, lock_path, old_path, staging_path
@@ -49,11 +49,6 @@ sys.exit(cli.main(argv))
 def _start(args, mode: str = "slow") -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", _SLOW, mode, "extrapolate", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-
-
-def _expo(*args, timeout=120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "expo_engine.cli", "extrapolate", *args], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 def _args(sft, aligned, out, alpha, *extra):
@@ -99,7 +94,7 @@ def test_a_second_run_on_a_live_output_stops_at_once(tmp_path, first, second):
     _wait_owned(out, a)
     staged = sorted(os.listdir(staging_path(out)))
     t = time.monotonic()
-    b = _expo(*_args(sft, aligned, out, second))
+    b = expo_process("extrapolate", *_args(sft, aligned, out, second))
     assert time.monotonic() - t < 30
     _refused(b, out, a.pid)
     assert a.poll() is None, "the second run was refused only after the first had finished"
@@ -133,13 +128,13 @@ def test_a_run_started_while_another_publishes_is_refused(tmp_path, overwrite):
     out = str(tmp_path / "out")
     a = _start(_args(sft, aligned, out, "0.3"), "pause-publish")
     assert a.stdout.readline().strip() == "publishing"
-    b = _expo(*_args(sft, aligned, out, "0.5", *(["--overwrite"] if overwrite else [])))
+    b = expo_process("extrapolate", *_args(sft, aligned, out, "0.5", *(["--overwrite"] if overwrite else [])))
     _refused(b, out, a.pid)
     _, err = a.communicate(timeout=60)
     assert a.returncode == 0, err
     _exact(out, sft, aligned, 0.3)
     if overwrite:  # once the first has finished, the same --overwrite run may replace its output
-        b = _expo(*_args(sft, aligned, out, "0.5", "--overwrite"))
+        b = expo_process("extrapolate", *_args(sft, aligned, out, "0.5", "--overwrite"))
         assert b.returncode == 0, b.stderr
         _exact(out, sft, aligned, 0.5)
     assert not leftovers(out)
@@ -154,10 +149,10 @@ def test_sweeps_ray_and_overwrite_runs_meet_the_same_lock(tmp_path):
     _wait_owned(os.path.join(parent, "alpha-0.5"), a)
     target = os.path.join(parent, "alpha-0.5")
     for extra, out in ((["--overwrite"], target), (["--executor", "ray", "--workers", "2"], target)):
-        _refused(_expo(*_args(sft, aligned, out, "0.5", *extra)), out, a.pid)
-    b = _expo(*_args(sft, aligned, parent, "0.1,0.3"))
+        _refused(expo_process("extrapolate", *_args(sft, aligned, out, "0.5", *extra)), out, a.pid)
+    b = expo_process("extrapolate", *_args(sft, aligned, parent, "0.1,0.3"))
     _refused(b, os.path.join(parent, "alpha-0.3"), a.pid)
-    free = _expo(*_args(sft, aligned, os.path.join(parent, "alpha-0.7"), "0.7"))
+    free = expo_process("extrapolate", *_args(sft, aligned, os.path.join(parent, "alpha-0.7"), "0.7"))
     assert free.returncode == 0, free.stderr
     _, err = a.communicate(timeout=120)
     assert a.returncode == 0, err
@@ -176,7 +171,7 @@ def test_a_lock_left_by_a_dead_run_is_free(tmp_path):
     a.kill()
     a.wait()
     assert os.path.exists(lock_path(out)) and os.path.isdir(staging_path(out))
-    b = _expo(*_args(sft, aligned, out, "0.5"))
+    b = expo_process("extrapolate", *_args(sft, aligned, out, "0.5"))
     assert b.returncode == 0, b.stderr
     assert f"removed {staging_path(out)}, left by a run that stopped" in b.stderr, b.stderr
     _exact(out, sft, aligned, 0.5)
@@ -210,7 +205,7 @@ def test_outputs_nested_in_a_live_output_are_refused_both_ways(tmp_path):
     outer, inner = str(tmp_path / "m"), str(tmp_path / "m" / "b")
     a = _start(_args(sft, aligned, outer, "0.3"))
     _wait_owned(outer, a)
-    r = _expo(*_args(sft, aligned, inner, "0.5"))
+    r = expo_process("extrapolate", *_args(sft, aligned, inner, "0.5"))
     assert_user_error(r.returncode, r.stderr, inner, f"is inside {outer}, which another expo run is writing")
     _, err = a.communicate(timeout=120)
     assert a.returncode == 0, err
@@ -218,7 +213,7 @@ def test_outputs_nested_in_a_live_output_are_refused_both_ways(tmp_path):
 
     b = _start(_args(sft, aligned, inner, "0.5", "--overwrite"))  # inside the finished output: allowed
     _wait_owned(inner, b)
-    r = _expo(*_args(sft, aligned, outer, "0.7", "--overwrite"))
+    r = expo_process("extrapolate", *_args(sft, aligned, outer, "0.7", "--overwrite"))
     assert_user_error(r.returncode, r.stderr, outer, f"holds {inner}, which another expo run is writing")
     _, err = b.communicate(timeout=120)
     assert b.returncode == 0, err
@@ -245,7 +240,7 @@ def test_an_output_filled_while_the_run_computes_is_not_replaced(tmp_path):
     with open(os.path.join(out, "notes.txt")) as f:
         assert f.read() == "mine"
     os.remove(os.path.join(out, "notes.txt"))
-    again = _expo(*_args(sft, aligned, out, "0.3"))
+    again = expo_process("extrapolate", *_args(sft, aligned, out, "0.3"))
     assert again.returncode == 0, again.stderr
     units = int(again.stdout.split("resumed: ")[1].split(" of ")[0])
     assert f"resumed: {units} of {units} units" in again.stdout

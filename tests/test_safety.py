@@ -13,12 +13,10 @@ import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import fake_hub_repo, load_output, run_expo, snapshot
+from helpers import expo_process, fake_hub_repo, load_output, run_expo, snapshot
 from safetensors.torch import save_file
 
 from expo_engine.errors import SourceError
@@ -84,12 +82,6 @@ def move_out(folder: str, name: str, elsewhere: str) -> str:
 
 def extrapolate_args(sft, aligned, out) -> list[str]:
     return ["extrapolate", "--sft", sft, "--aligned", aligned, "--alpha", "0.5", "--out", out]
-
-
-def run_process(env_extra: dict, *args) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **env_extra}
-    return subprocess.run([sys.executable, "-m", "expo_engine.cli", *map(str, args)],
-                          env=env, capture_output=True, text=True, timeout=120)
 
 
 def assert_nothing_at(out) -> None:
@@ -196,7 +188,7 @@ def test_process_refuses_a_weight_file_linking_out(tmp_path):
     name, target = _link_out(os.path.realpath(aligned), "relative", str(tmp_path / "other_model"))
     out = tmp_path / "out"
     before = snapshot(tmp_path)
-    proc = run_process({}, *extrapolate_args(sft, aligned, out))
+    proc = expo_process(*extrapolate_args(sft, aligned, out))
     assert proc.stdout == ""
     assert_one_error_line(proc.returncode, proc.stderr, os.path.join(os.path.realpath(aligned), name), target,
                           WHAT_TO_DO)
@@ -287,7 +279,7 @@ def test_hub_cache_layout_is_accepted(tmp_path, hub):
     out_plain, out_ids, out_snap = (tmp_path / n for n in ("out-plain", "out-ids", "out-snap"))
     runs = [(*plain, out_plain), ("org/sft", "org/dpo@main", out_ids), (snaps["org/sft"], snaps["org/dpo"], out_snap)]
     for args in runs:
-        proc = run_process({"HF_HUB_CACHE": cache}, *extrapolate_args(*args))
+        proc = expo_process(*extrapolate_args(*args), env={"HF_HUB_CACHE": cache})
         assert proc.returncode == 0, proc.stderr
     want = load_output(str(out_plain))
     for out in (out_ids, out_snap):
@@ -308,7 +300,7 @@ def test_hub_snapshot_linking_into_another_repos_blobs_is_refused(tmp_path, hub,
     os.symlink(os.path.join("..", "..", "..", "models--org--other", "blobs", blob), link)
     out = tmp_path / "out"
     before = snapshot(tmp_path)
-    proc = run_process({"HF_HUB_CACHE": cache}, *extrapolate_args("org/sft", "org/dpo", out))
+    proc = expo_process(*extrapolate_args("org/sft", "org/dpo", out), env={"HF_HUB_CACHE": cache})
     line = assert_one_error_line(proc.returncode, proc.stderr, link, f"to {os.path.realpath(other_blob)}",
                                  os.path.join(os.path.realpath(cache), "models--org--dpo", "blobs"),
                                  "download the repo again")

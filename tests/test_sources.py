@@ -6,13 +6,11 @@ import fnmatch
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 
 import pytest
 import torch
-from helpers import fake_hub_repo, load_output, save_bin_sharded, worst_steps
+from helpers import expo_process, fake_hub_repo, load_output, save_bin_sharded, worst_steps
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
@@ -164,10 +162,8 @@ def test_cli_extrapolates_from_hub_cache(pair, tmp_path):
     fake_hub_repo(cache, "org/sft", pair.sft, "c" * 40)
     fake_hub_repo(cache, "org/dpo", pair.aligned, "d" * 40)
     out = str(tmp_path / "out")
-    env = {**os.environ, "HF_HUB_CACHE": cache, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "expo_engine.cli", "extrapolate", "--sft", "org/sft",
-                           "--aligned", "org/dpo@main", "--alpha", "0.3", "--out", out],
-                          env=env, capture_output=True, text=True, timeout=120)
+    proc = expo_process("extrapolate", "--sft", "org/sft", "--aligned", "org/dpo@main", "--alpha", "0.3", "--out",
+                        out, env={"HF_HUB_CACHE": cache})
     assert proc.returncode == 0, proc.stderr
     assert worst_steps(load_output(out), pair.sft_state, pair.aligned_state, 0.3) <= 1
     with open(os.path.join(out, "expo.json")) as f:

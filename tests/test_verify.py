@@ -9,7 +9,7 @@ import struct
 
 import pytest
 import torch
-from helpers import copy_tree
+from helpers import copy_tree, nudge_element
 from safetensors.torch import save_file
 
 from expo_engine import MismatchError, OptionError, SourceError, extrapolate
@@ -63,17 +63,6 @@ def _edit_json(out: str, name: str, change) -> None:
         json.dump(data, f)
 
 
-def _flip_element(out: str) -> str:
-    """Move one bf16 element of a 2-D tensor in the second shard by 16 steps; return the tensor's name."""
-    slot = next(s for s in read_safetensors_layout(os.path.join(out, _shard2(out))) if len(s.shape) == 2)
-    with open(slot.file, "r+b") as f:
-        f.seek(slot.offset + 2 * 7)
-        (bits,) = struct.unpack("<H", f.read(2))
-        f.seek(slot.offset + 2 * 7)
-        f.write(struct.pack("<H", bits + 16))
-    return slot.name
-
-
 def _mentions(report, *words) -> bool:
     return any(all(w in p for w in words) for p in report.problems)
 
@@ -103,7 +92,7 @@ def test_single_file_output_passes(pair, tmp_path):
 
 
 def test_flipped_element_fails_the_element_check(pair, out):
-    name = _flip_element(out)
+    _, name = nudge_element(out, _shard2(out), index=7)
     _rehash(out, _shard2(out))
     report = verify(out, pair.sft, pair.aligned, chunk_bytes=CHUNK)
     assert not report.ok and report.problems == []
@@ -113,7 +102,7 @@ def test_flipped_element_fails_the_element_check(pair, out):
 
 
 def test_flipped_element_fails_the_checksum(out):
-    _flip_element(out)
+    nudge_element(out, _shard2(out), index=7)
     report = verify(out)
     assert report.problems == [f"{_shard2(out)}: its sha256 differs from the one expo.json records"]
 
