@@ -12,7 +12,6 @@ import math
 from dataclasses import dataclass
 
 from huggingface_hub import split_state_dict_into_shards_factory
-from huggingface_hub.serialization._base import parse_size_to_int
 
 from . import dtypes
 from .errors import MismatchError, OptionError
@@ -211,16 +210,21 @@ def sweep_folder(alpha: float) -> str:
     return f"alpha-{text if float(text) == alpha else repr(alpha)}"
 
 
+SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}  # decimal, as huggingface_hub's max_shard_size
+
+
 def parse_size(size: int | str) -> int:
-    """`5GB`, `500MB`, `2KB` (decimal units, as huggingface_hub uses) or a plain number of bytes."""
+    """`5GB`, `500MB`, `2KB`, `1.5GB` (decimal units, as huggingface_hub reads max_shard_size) or a plain number of
+    bytes."""
     if isinstance(size, int):
         value = size
     elif size.strip().startswith("-"):
         raise OptionError(f"size {size!r} must be positive")
     else:
+        text = size.strip().upper()
         try:
-            value = int(size) if size.strip().isdigit() else parse_size_to_int(size)
-        except ValueError:
+            value = int(text) if text.isdigit() else int(float(text[:-2].strip()) * SIZE_UNITS[text[-2:]])
+        except (ValueError, KeyError, OverflowError):
             raise OptionError(f"size {size!r} is not understood; write it like 5GB, 500MB or in bytes") from None
     if value <= 0:
         raise OptionError(f"size {size!r} must be positive")

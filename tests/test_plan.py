@@ -105,12 +105,13 @@ def test_dtype_override_changes_sizes(llama70b):
 
 
 @pytest.mark.parametrize("text,value", [("5GB", 5_000_000_000), ("500MB", 500_000_000), ("20KB", 20_000),
-                                        ("12345", 12345), (4096, 4096)])
+                                        ("12345", 12345), (4096, 4096), ("1.5GB", 1_500_000_000),
+                                        (" 5gb ", 5_000_000_000), ("2 MB", 2_000_000)])
 def test_parse_size(text, value):
     assert parse_size(text) == value
 
 
-@pytest.mark.parametrize("text", ["5XB", "-1", "0", "GB", ""])
+@pytest.mark.parametrize("text", ["5XB", "-1", "0", "GB", "", "infGB", "nanMB", "0.1B"])
 def test_parse_size_rejects(text):
     with pytest.raises(OptionError):
         parse_size(text)
