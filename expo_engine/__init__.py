@@ -13,10 +13,12 @@ from .errors import (  # noqa: E402
     MismatchError,
     OptionError,
     OutputError,
+    RewardError,
     SourceError,
 )
 from .norms import parameter_norms  # noqa: E402
 from .plan import Plan, make_plan  # noqa: E402
+from .search import search  # noqa: E402
 from .sources import Checkpoint, open_checkpoint  # noqa: E402
 from .verify import VerifyReport, verify  # noqa: E402
 
@@ -29,6 +31,7 @@ __all__ = [
     "OptionError",
     "OutputError",
     "Plan",
+    "RewardError",
     "SourceError",
     "Summary",
     "SweepSummary",
@@ -39,5 +42,6 @@ __all__ = [
     "make_plan",
     "parameter_norms",
     "open_checkpoint",
+    "search",
     "verify",
 ]

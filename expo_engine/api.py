@@ -101,6 +101,7 @@ def extrapolate(
     allow_nonfinite: bool = False,
     alpha_rules=None,
     device: str = "auto",
+    provenance: dict | None = None,
     on_plan: Callable[[Plan], None] | None = None,
     on_executor: Callable[[str, str], None] | None = None,
     on_notice: Callable[[str], None] | None = None,
@@ -133,13 +134,16 @@ def extrapolate(
     Triton cannot run, with reads and writes overlapping the transfers; with Ray, one GPU per task), or "auto"
     (cuda when this machine sees a GPU). Reading and writing stay on the host either way.
 
+    `provenance`: more keys for expo.json (`expo search --write-best` records the search there).
+
     Raises an :class:`~expo_engine.errors.ExpoError` subclass for every user error.
     """
     started = time.monotonic()
     job = prepare(sft, aligned, alpha, out, alpha_rules=alpha_rules, dtype=dtype, max_shard_size=max_shard_size,
                   chunk_bytes=chunk_bytes, overwrite=overwrite)
     options = RunOptions(stats, executor, workers, ray_address, max_memory, unit_bytes, allow_nonfinite, device,
-                         (lambda plans: on_plan(plans[0])) if on_plan else None, on_executor, on_notice, on_progress)
+                         (lambda plans: on_plan(plans[0])) if on_plan else None, on_executor, on_notice, on_progress,
+                         provenance)
     return _execute(job, started, options)[0]
 
 
@@ -252,6 +256,7 @@ class RunOptions:
     on_executor: Callable[[str, str], None] | None = None
     on_notice: Callable[[str], None] | None = None
     on_progress: Callable[[int], None] | None = None
+    provenance: dict | None = None  # more to record in expo.json (e.g. the search that chose the alpha)
 
 
 def _execute(job: Job, started: float, o: RunOptions) -> list[Summary]:
@@ -322,7 +327,7 @@ def _execute(job: Job, started: float, o: RunOptions) -> list[Summary]:
         # (short of a failure between the renames themselves).
         warnings = [check_finite(p, st, f, o.allow_nonfinite) for p, st, f in zip(plans, stagings, founds,
                                                                                 strict=True)]
-        extra = {"reads": done.reads} if done else {}
+        extra = ({"reads": done.reads} if done else {}) | (o.provenance or {})
         if done and done.resumed_units:
             extra["resumed"] = {"units": done.resumed_units, "of": done.units,
                                 "note": "written by an earlier run that stopped, kept from its journal"}

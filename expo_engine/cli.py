@@ -132,6 +132,40 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--sample", type=_positive, metavar="F", help="check a random fraction F of the chunks")
     v.set_defaults(run=_run_verify)
 
+    se = sub.add_parser("search", help="find the best alpha with a reward signal, weights updated in place",
+                        description="For each alpha, stream theta(alpha) into one loaded model (no checkpoint per "
+                                    "alpha), generate on the prompts with fixed seeds and score the responses; "
+                                    "alpha = 0 (the aligned model) is the baseline. Writes DIR/search.json, "
+                                    "search.csv, search.md, search.png and responses.jsonl.")
+    se.add_argument("--sft", required=True, metavar="SRC", help="SFT checkpoint: a folder or org/name[@revision]")
+    se.add_argument("--aligned", required=True, metavar="SRC", help="aligned checkpoint (with its tokenizer)")
+    se.add_argument("--prompts", required=True, metavar="FILE",
+                    help="JSONL with `prompt` or `messages` per line, or a text file of one prompt per line")
+    se.add_argument("--report", required=True, metavar="DIR", help="where the search's report goes (reused: an "
+                    "interrupted search continues)")
+    se.add_argument("--reward-model", metavar="RM", help="a sequence-classification reward model (folder or repo id)")
+    se.add_argument("--reward-fn", metavar="MODULE:FUNCTION", help="a Python f(prompt, response) -> float")
+    se.add_argument("--reward-cmd", metavar="CMD", help="a command reading JSONL {prompt, response} lines on stdin "
+                    "and printing one number per line")
+    se.add_argument("--alpha", default="auto", metavar="auto|GRID",
+                    help="auto (coarse sweep, then bracketing refinement; default) or a grid like 0.1:0.5:0.1 or "
+                         "0.1,0.3,1")
+    se.add_argument("--budget", type=int, default=8, metavar="N", help="evaluations of an auto search, the "
+                    "baseline included (default %(default)s)")
+    se.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="default %(default)s")
+    se.add_argument("--samples", type=int, default=1, metavar="N", help="responses per prompt (default %(default)s)")
+    se.add_argument("--seed", type=int, default=42, help="sampling seed (default %(default)s)")
+    se.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default %(default)s)")
+    se.add_argument("--batch-size", type=int, default=8, metavar="N", help="prompts per generate call (default "
+                    "%(default)s)")
+    se.add_argument("--backend", default="transformers", choices=("transformers", "vllm"),
+                    help="inference library (default %(default)s; vllm: GPU only, untested)")
+    se.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default %(default)s)")
+    se.add_argument("--no-chat-template", dest="chat_template", action="store_false",
+                    help="give the prompts to the model as they are")
+    se.add_argument("--write-best", metavar="OUT", help="then write the best alpha's model to OUT (expo extrapolate)")
+    se.set_defaults(run=_run_search)
+
     doc = sub.add_parser("doctor", help="say whether the compiled kernel is built, current and used, and how "
                                          "inputs will be read", description="Checks this installation; exit 1 "
                                          "when the compiled kernel is missing or stale.")
@@ -262,6 +296,30 @@ def _run_norms(args) -> int:
         _write_report("--markdown", args.markdown, norms.markdown(reports))
     if args.plot:
         _write_report("--plot", args.plot, lambda tmp: norms.plot(reports, tmp))
+    return 0
+
+
+def _run_search(args) -> int:
+    from .search import format_table, search
+
+    def say(line: str) -> None:
+        print(f"expo: {line}", file=sys.stderr, flush=True)
+
+    record = search(args.sft, args.aligned, args.prompts, args.report, reward_model=args.reward_model,
+                    reward_fn=args.reward_fn, reward_cmd=args.reward_cmd, alpha=args.alpha, budget=args.budget,
+                    max_new_tokens=args.max_new_tokens, samples=args.samples, seed=args.seed,
+                    backend=args.backend, device=args.device, write_best=args.write_best,
+                    chat_template=args.chat_template, batch_size=args.batch_size, temperature=args.temperature,
+                    on_progress=say)
+    best = record["best"]
+    print(f"expo search: {len(record['evaluations'])} evaluation(s); best alpha {best['alpha']:g} (reward "
+          f"{best['reward_mean']:.4g} +- {best['reward_stderr']:.2g}, win rate vs aligned "
+          f"{best['win_rate_vs_aligned']:.2f})")
+    print(format_table(record))
+    print(f"report: {os.path.join(args.report, 'search.json')} (+ search.csv, search.md, search.png, "
+          "responses.jsonl)")
+    if "written" in record:
+        print(f"wrote {record['written']['out']} with alpha {record['written']['alpha']:g}")
     return 0
 
 

@@ -39,6 +39,11 @@ class NonFiniteError(ExpoError):
     """The formula produced NaN or Inf from finite inputs (alpha too large for the output dtype's range)."""
 
 
+class RewardError(ExpoError):
+    """The reward signal of `expo search` failed: its command exited non-zero or printed the wrong lines, its function
+    raised or returned a non-number, or its model could not score."""
+
+
 class Interrupted(ExpoError):
     """The run stopped early (Ctrl-C, SIGTERM); the staging folder and its journal are kept so that a rerun of the
     same command resumes."""

@@ -339,3 +339,31 @@ def expo_process(*args, env: dict | None = None, cwd=None, timeout: float = 120)
     """The real CLI in a process of its own (`python -m expo_engine.cli ARGS`), offline, its output captured."""
     return subprocess.run([sys.executable, "-m", "expo_engine.cli", *map(str, args)], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+
+
+def tiny_tokenizer():
+    """A real fast tokenizer for the tiny Llama models (vocab 128: <pad> <s> </s> <unk>, then words w4 .. w127),
+    built with the `tokenizers` library, with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3} | {f"w{i}": i for i in range(4, 128)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins the words with spaces
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                unk_token="<unk>")
+    t.chat_template = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
+                       "{% if add_generation_prompt %}w5 {% endif %}")
+    return t
+
+
+def chat_pair(root, tied: bool = False, scale: float = 0.05) -> tuple[str, str]:
+    """A tiny Llama SFT/aligned pair saved by transformers, each folder with the tiny tokenizer."""
+    sft, aligned = llama_pair(tied=tied, scale=scale)
+    folders = []
+    for model, name in ((sft, "sft"), (aligned, "aligned")):
+        folder = save_model(model, os.path.join(str(root), name))
+        tiny_tokenizer().save_pretrained(folder)
+        folders.append(folder)
+    return folders[0], folders[1]

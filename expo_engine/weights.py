@@ -1,0 +1,158 @@
+"""Live weights: theta(alpha) streamed into a loaded model's tensors in place, for `expo search`.
+
+For each alpha the engine plans the job as `expo extrapolate` would (same checks, same per-tensor output dtype),
+reads both checkpoints chunk by chunk through the same reader and computes every chunk with the same kernel
+(float32, one rounding); instead of a shard, each chunk's bytes go into the model tensor of that name, at the
+chunk's element offset. Nothing is written to disk and no second copy of the model is held: memory is the model
+plus the engine's chunk buffers. The tensors then hold exactly what loading `expo extrapolate`'s output for that
+alpha would put there (tested).
+
+Two ways to take the chunks:
+- `LiveWeights(sft, aligned, tensors)` with the model's own tensors by checkpoint name (transformers: the state
+  dict; names, shapes and dtypes must match the checkpoint's, tied aliases are written once);
+- `stream_tensors(alpha, sink)`: whole tensors handed to `sink(name, tensor)` one at a time, for an inference
+  engine that places (shards, fuses, renames) weights itself, like vLLM's `load_weights`. Memory then also holds
+  the largest tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from . import dtypes
+from .errors import MismatchError
+from .executor import check_copies, run_chunks
+from .plan import DEFAULT_CHUNK_BYTES, Plan, make_plan
+from .reading import Inputs, direct_io, input_paths
+from .sources import Checkpoint, open_checkpoint
+
+if TYPE_CHECKING:
+    import torch
+
+
+def _plan(sft: Checkpoint, aligned: Checkpoint, alpha: float, chunk_bytes: int) -> Plan:
+    plan = make_plan(sft, aligned, alpha, chunk_bytes=chunk_bytes)
+    check_copies(plan)
+    return plan
+
+
+def _listing(names: list[str], what: str) -> str:
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return f"{len(names)} {what} ({shown})"
+
+
+class LiveWeights:
+    """The model tensors `tensors` (checkpoint name -> tensor, CPU or CUDA), set to theta(alpha) by `update`.
+
+    Checked once, before any byte is read: every checkpoint tensor has a model tensor of the same name, shape and
+    dtype (the output dtype `expo extrapolate` would write: the aligned tensor's), and every model tensor that
+    is not an alias of another is covered. Raises MismatchError naming all that do not fit."""
+
+    def __init__(self, sft: str | Checkpoint, aligned: str | Checkpoint, tensors: dict[str, torch.Tensor],
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+        self.sft = sft if isinstance(sft, Checkpoint) else open_checkpoint(sft)
+        self.aligned = aligned if isinstance(aligned, Checkpoint) else open_checkpoint(aligned)
+        self.chunk_bytes = chunk_bytes
+        plan = _plan(self.sft, self.aligned, 0.0, chunk_bytes)
+        self.targets = _match(plan, tensors)
+        self.alpha: float | None = None
+
+    def update(self, alpha: float) -> None:
+        """Write theta(alpha) into the tensors, chunk by chunk. CUDA tensors receive each chunk with one copy."""
+        plan = _plan(self.sft, self.aligned, alpha, self.chunk_bytes)
+        views = {name: _bytes_of(t) for name, t in self.targets.items()}
+
+        def write(t, c, data: memoryview, chunk_stats) -> None:
+            view = views.get(t.name)
+            if view is None:  # an alias of a tensor written under its other name
+                return
+            size = dtypes.itemsize(t.dtype)
+            src = np.frombuffer(data, dtype=np.uint8)
+            if isinstance(view, np.ndarray):
+                view[c.start * size:c.stop * size] = src
+            else:
+                import torch
+
+                view[c.start * size:c.stop * size].copy_(torch.from_numpy(src))
+
+        inputs = Inputs(input_paths(plan), direct=direct_io())
+        try:
+            run_chunks(plan, plan.chunks, inputs, write, stats=False)
+        finally:
+            inputs.close()
+        self.alpha = alpha
+
+
+def stream_tensors(sft: Checkpoint, aligned: Checkpoint, alpha: float, sink: Callable[[str, torch.Tensor], None],
+                   chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+    """theta(alpha) tensor by tensor: each tensor is assembled from its chunks in one reused host buffer and handed
+    to `sink(name, tensor)` (valid only during the call) once complete, in the plan's order."""
+    import torch
+
+    plan = _plan(sft, aligned, alpha, chunk_bytes)
+    largest = max((t.nbytes for t in plan.tensors), default=0)
+    buf = np.empty(max(largest, 1), dtype=np.uint8)
+
+    def write(t, c, data: memoryview, chunk_stats) -> None:
+        size = dtypes.itemsize(t.dtype)
+        buf[c.start * size:c.stop * size] = np.frombuffer(data, dtype=np.uint8)
+        if c.stop == t.numel:
+            flat = torch.from_numpy(buf[:t.nbytes]).view(dtypes.TORCH[t.dtype])
+            sink(t.name, flat.view(t.shape))
+
+    inputs = Inputs(input_paths(plan), direct=direct_io())
+    try:
+        run_chunks(plan, plan.chunks, inputs, write, stats=False)
+    finally:
+        inputs.close()
+
+
+def _bytes_of(t: torch.Tensor):
+    """A writable byte view of tensor `t`: numpy for a CPU tensor, a uint8 torch view for a CUDA one."""
+    import torch
+
+    flat = t.detach().view(-1).view(torch.uint8)
+    return flat.numpy() if flat.device.type == "cpu" else flat
+
+
+def _match(plan: Plan, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model tensor each plan tensor goes to, aliases (tied weights: one storage under two names) once, under
+    the first name the model lists. Raises MismatchError listing every misfit."""
+    missing, wrong, misfit, targets, seen = [], [], set(), {}, {}
+    for t in plan.tensors:
+        m = tensors.get(t.name)
+        if m is None:
+            missing.append(t.name)
+            continue
+        want = dtypes.TORCH[t.dtype]
+        if tuple(m.shape) != tuple(t.shape) or m.dtype != want or not m.is_contiguous():
+            wrong.append(f"{t.name} (checkpoint {list(t.shape)} {t.dtype}, model {list(m.shape)} "
+                         f"{dtypes.NAME.get(m.dtype, m.dtype)}{'' if m.is_contiguous() else ', not contiguous'})")
+            misfit.add((m.device, m.data_ptr()))
+            continue
+        targets[t.name] = m
+    order = {name: k for k, name in enumerate(tensors)}
+    for name in sorted(targets, key=order.__getitem__):
+        key = (targets[name].device, targets[name].data_ptr())
+        if key in seen:
+            del targets[name]  # the alias: its storage is written under the first name
+        else:
+            seen[key] = name
+    covered = {(m.device, m.data_ptr()) for m in targets.values()} | misfit
+    uncovered = [n for n, m in tensors.items() if m.is_floating_point() and (m.device, m.data_ptr()) not in covered]
+    problems = []
+    if missing:
+        problems.append(_listing(missing, "checkpoint tensor(s) the model has no tensor for"))
+    if wrong:
+        problems.append(_listing(wrong, "tensor(s) of another shape or dtype in the model"))
+    if uncovered:
+        problems.append(_listing(uncovered, "model tensor(s) the checkpoints do not hold"))
+    if problems:
+        raise MismatchError("the loaded model does not take the checkpoints' tensors as they are: "
+                            + "; ".join(problems) + ". Load the aligned checkpoint itself with its own dtype "
+                            "(dtype=\"auto\"); an architecture whose loader renames or fuses weights needs "
+                            "`--backend vllm`")
+    return targets

@@ -1,0 +1,29 @@
+"""Rule rewards for the `expo search` tests (importable as --reward-fn search_rewards:NAME)."""
+
+import os
+import signal
+
+
+def count_w7(prompt: str, response: str) -> float:
+    """More w7 is better; longer is slightly better."""
+    words = response.split()
+    return words.count("w7") + 0.01 * len(words)
+
+
+def kill_after(prompt: str, response: str) -> float:
+    """count_w7, but SIGKILL this process at the Nth call (N from EXPO_TEST_KILL_AFTER; counted in a file)."""
+    path = os.environ["EXPO_TEST_KILL_COUNT"]
+    n = int(open(path).read()) + 1 if os.path.exists(path) else 1
+    with open(path, "w") as f:
+        f.write(str(n))
+    if n == int(os.environ["EXPO_TEST_KILL_AFTER"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return count_w7(prompt, response)
+
+
+def broken(prompt: str, response: str) -> float:
+    raise RuntimeError("the reward server is down")
+
+
+def not_a_number(prompt: str, response: str):
+    return "high"

@@ -1,0 +1,349 @@
+"""`expo search`: weights streamed into a live model (bit-identical to loading `expo extrapolate`'s output), the
+alpha strategy, the record and its reports, resuming after a kill, the three reward signals, --write-best."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+from helpers import assert_user_error, chat_pair, expo_process, llama_config, snapshot, tiny_tokenizer
+
+from expo_engine import extrapolate, search, verify
+from expo_engine.generation import Response
+from expo_engine.search import COARSE, Evaluation, best_of, evaluate, load_prompts, next_alpha
+from expo_engine.weights import LiveWeights
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+FAST = dict(max_new_tokens=6, device="cpu", batch_size=3)
+
+
+@pytest.fixture(scope="module")
+def chat(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chat")
+    sft, aligned = chat_pair(root)
+    prompts = root / "prompts.txt"
+    prompts.write_text("w10 w11 w12\nw20 w21\nw30\nw40 w41 w42 w43\nw50\n")
+    return sft, aligned, str(prompts)
+
+
+@pytest.fixture(autouse=True)
+def importable_rewards(monkeypatch):
+    monkeypatch.syspath_prepend(TESTS)
+
+
+# --- the weights --------------------------------------------------------------------------------------------------
+
+def _models():
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    yield "llama", lambda: LlamaForCausalLM(llama_config())
+    yield "llama-tied", lambda: LlamaForCausalLM(llama_config(tied=True))
+    yield "qwen2", lambda: Qwen2ForCausalLM(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                        num_attention_heads=4, num_key_value_heads=2,
+                                                        vocab_size=128, max_position_embeddings=64))
+    yield "gpt2", lambda: GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=128,
+                                                     n_positions=64))
+
+
+@pytest.mark.parametrize("arch", [name for name, _ in _models()])
+def test_live_weights_equal_loading_the_extrapolated_checkpoint(arch, tmp_path):
+    """After update(alpha) every tensor of the live model is bit-identical to what transformers loads from
+    `expo extrapolate`'s output for that alpha: several architectures (tied and untied embeddings, biases,
+    GPT-2's Conv1D), both lerp branches, alpha = 0 and a negative alpha, in bf16 and fp32."""
+    from transformers import AutoModelForCausalLM
+
+    make = dict(_models())[arch]
+    for dtype in (torch.bfloat16, torch.float32):
+        torch.manual_seed(7)
+        sft_model = make().to(dtype)
+        aligned_model = make().to(dtype)
+        aligned_model.load_state_dict({k: v + 0.01 * torch.randn_like(v) for k, v in sft_model.state_dict().items()})
+        sft, aligned = str(tmp_path / f"sft-{dtype}"), str(tmp_path / f"aligned-{dtype}")
+        sft_model.save_pretrained(sft)
+        aligned_model.save_pretrained(aligned)
+        live = AutoModelForCausalLM.from_pretrained(aligned, dtype="auto")
+        weights = LiveWeights(sft, aligned, live.state_dict(), chunk_bytes=700)  # many chunks per tensor
+        for alpha in (0.3, 2.5, 0.0, -0.5):
+            weights.update(alpha)
+            out = str(tmp_path / f"out-{dtype}-{alpha}")
+            extrapolate(sft, aligned, alpha, out)
+            want = AutoModelForCausalLM.from_pretrained(out, dtype="auto").state_dict()
+            got = live.state_dict()
+            assert set(got) == set(want)
+            differ = [k for k in want if not torch.equal(got[k], want[k])]
+            assert not differ, (arch, dtype, alpha, differ[:5])
+            if alpha:
+                assert not torch.equal(got["lm_head.weight"], aligned_model.state_dict()["lm_head.weight"])
+
+
+def test_live_weights_refuse_a_model_that_does_not_fit(chat):
+    """A model loaded in another dtype, or missing a tensor: one MismatchError naming them, nothing updated."""
+    from transformers import AutoModelForCausalLM
+
+    from expo_engine import MismatchError
+
+    sft, aligned, _ = chat
+    fp32 = AutoModelForCausalLM.from_pretrained(aligned, dtype=torch.float32)
+    misfit = r"21 tensor\(s\) of another shape or dtype.*BF16, model \[.*F32[^;]*\. Load"
+    with pytest.raises(MismatchError, match=misfit):
+        LiveWeights(sft, aligned, fp32.state_dict())
+    state = AutoModelForCausalLM.from_pretrained(aligned, dtype="auto").state_dict()
+    state.pop("model.norm.weight")
+    with pytest.raises(MismatchError, match=r"1 checkpoint tensor\(s\) the model has no tensor for \(model.norm"):
+        LiveWeights(sft, aligned, state)
+
+
+# --- the strategy -------------------------------------------------------------------------------------------------
+
+def _ev(alpha, reward, degenerate=False):
+    return Evaluation(alpha, reward, 0.01, 0.5, 10.0, 0.0, degenerate, 0.0)
+
+
+def _run_strategy(f, budget=8, grid=None):
+    evals = {}
+    while (a := next_alpha(evals, grid, budget)) is not None:
+        reward, degenerate = f(a)
+        evals[a] = _ev(a, reward, degenerate)
+    return evals
+
+
+@pytest.mark.parametrize("peak", [0.1, 0.5, 2.0, 8.0])
+def test_auto_strategy_finds_the_peak_within_the_budget(peak):
+    """On a smooth reward that rises from the aligned model's to a peak at `peak` and falls after it, the auto
+    search stays within 8 evaluations and picks an alpha whose reward is within 5% of the gain the best of an
+    exhaustive fine grid makes."""
+    def f(a):
+        return 1.0 + 0.5 * (a / peak) * math.exp(1 - a / peak), False
+
+    evals = _run_strategy(f)
+    assert 0.0 in evals and len(evals) <= 8
+    grid = [0.01 * 1.05**k for k in range(200)]
+    exhaustive = max(f(a)[0] for a in grid)
+    assert best_of(evals).reward_mean - 1 >= 0.95 * (exhaustive - 1), (peak, sorted(evals))
+
+
+def test_auto_strategy_stops_at_degeneration_and_never_picks_it():
+    evals = _run_strategy(lambda a: (1 + a, a >= 3))  # better and better, but gibberish from alpha 3 on
+    assert 3.0 in evals and 10.0 not in evals  # the coarse sweep stopped at the first degenerate point
+    assert best_of(evals).alpha < 3 and not best_of(evals).degenerate
+
+
+def test_auto_strategy_goes_on_outward_while_the_reward_rises():
+    evals = _run_strategy(lambda a: (a, False))
+    assert max(evals) > COARSE[-1] and len(evals) == 8
+
+
+def test_grid_strategy_is_the_grid_with_the_baseline_first():
+    evals = _run_strategy(lambda a: (0.0, False), grid=(0.0, 0.5, 1.0))
+    assert list(evals) == [0.0, 0.5, 1.0]
+
+
+def test_evaluate_pairs_with_the_baseline_and_marks_degeneration():
+    base = evaluate(0.0, [1.0, 2.0, 3.0, 4.0], [Response("x", 10, False)] * 4, None, None, 1.0)
+    assert base.win_rate_vs_aligned == 0.5 and base.reward_stderr == pytest.approx(math.sqrt(5 / 3 / 4))
+    better = evaluate(1.0, [2.0, 2.0, 3.0, 5.0], [Response("x", 12, False)] * 4, [1.0, 2.0, 3.0, 4.0], base, 1.0)
+    assert better.win_rate_vs_aligned == (1 + 0.5 + 0.5 + 1) / 4 and not better.degenerate
+    cut = evaluate(2.0, [9.0] * 4, [Response("x", 10, True)] * 4, [1.0, 2.0, 3.0, 4.0], base, 1.0)
+    long = evaluate(3.0, [9.0] * 4, [Response("x", 30, False)] * 4, [1.0, 2.0, 3.0, 4.0], base, 1.0)
+    assert cut.degenerate and long.degenerate
+    assert best_of({0.0: base, 1.0: better, 2.0: cut, 3.0: long}).alpha == 1.0
+
+
+# --- prompts --------------------------------------------------------------------------------------------------
+
+def test_prompts_jsonl_and_text(tmp_path):
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"prompt": "w10 w11"}\n\n{"messages": [{"role": "system", "content": "w4"}, '
+                 '{"role": "user", "content": "w20"}]}\n')
+    got = load_prompts(str(p))
+    assert got[0].text == "w10 w11" and got[0].messages is None
+    assert got[1].text == "w20" and got[1].messages[0]["role"] == "system"
+    (tmp_path / "t.txt").write_text("w10\nw11 w12\n")
+    assert [x.text for x in load_prompts(str(tmp_path / "t.txt"))] == ["w10", "w11 w12"]
+    (tmp_path / "bad.jsonl").write_text('{"prompt": 3}\nnot json\n{"prompt": "ok"}\n')
+    from expo_engine import OptionError
+
+    with pytest.raises(OptionError, match=r"line\(s\) 1, 2 are not JSON objects"):
+        load_prompts(str(tmp_path / "bad.jsonl"))
+
+
+# --- whole searches -------------------------------------------------------------------------------------------
+
+def test_search_grid_writes_the_record_and_its_reports(chat, tmp_path):
+    sft, aligned, prompts = chat
+    report = str(tmp_path / "rep")
+    before = snapshot(os.path.dirname(sft))
+    rec = search(sft, aligned, prompts, report, reward_fn="search_rewards:count_w7", alpha="0.5,2", samples=2,
+                 **FAST)
+    assert [e["alpha"] for e in rec["evaluations"]] == [0.0, 0.5, 2.0]
+    keys = {"alpha", "reward_mean", "reward_stderr", "win_rate_vs_aligned", "mean_length", "truncated_share",
+            "degenerate", "seconds"}
+    assert all(set(e) == keys for e in rec["evaluations"]) and set(rec["best"]) == keys
+    ok = [e for e in rec["evaluations"] if not e["degenerate"]]
+    assert rec["best"]["reward_mean"] == max(e["reward_mean"] for e in ok)
+    assert rec["evaluations"][0]["win_rate_vs_aligned"] == 0.5
+    assert rec["inputs"]["n_prompts"] == 5 and rec["settings"]["sampling"]["samples"] == 2
+    with open(os.path.join(report, "search.json")) as f:
+        assert json.load(f) == rec
+    lines = [json.loads(x) for x in open(os.path.join(report, "responses.jsonl"))]
+    assert len(lines) == 3 * 5 * 2 and {x["alpha"] for x in lines} == {0.0, 0.5, 2.0}
+    for e in rec["evaluations"]:  # every score is in responses.jsonl: the mean is theirs
+        scores = [x["score"] for x in lines if x["alpha"] == e["alpha"]]
+        assert e["reward_mean"] == pytest.approx(sum(scores) / len(scores))
+    for name in ("search.csv", "search.md", "search.png"):
+        assert os.path.getsize(os.path.join(report, name)) > 0
+    assert snapshot(os.path.dirname(sft)) == before  # nothing written beside the report: no checkpoint per alpha
+    # alpha = 0 is the aligned model itself: the same responses as sampling from it directly would give
+    base = [x["response"] for x in lines if x["alpha"] == 0.0]
+    again = search(sft, aligned, prompts, str(tmp_path / "rep2"), reward_fn="search_rewards:count_w7", alpha="0.5",
+                   samples=2, **FAST)
+    lines2 = [json.loads(x) for x in open(os.path.join(tmp_path / "rep2", "responses.jsonl"))]
+    assert [x["response"] for x in lines2 if x["alpha"] == 0.0] == base
+    assert again["evaluations"][:2] == [{**e, "seconds": again["evaluations"][k]["seconds"]}
+                                        for k, e in enumerate(rec["evaluations"][:2])]
+
+
+def test_search_responses_differ_between_alphas_but_not_their_random_numbers(chat, tmp_path):
+    """The weights really change per alpha (responses differ somewhere), and a repeated alpha gives the same
+    responses (common random numbers: the generator is reseeded per batch)."""
+    sft, aligned, prompts = chat
+    search(sft, aligned, prompts, str(tmp_path / "a"), reward_fn="search_rewards:count_w7", alpha="4", **FAST)
+    search(sft, aligned, prompts, str(tmp_path / "b"), reward_fn="search_rewards:count_w7", alpha="4", seed=42,
+           **FAST)
+    read = lambda d: [json.loads(x) for x in open(os.path.join(tmp_path, d, "responses.jsonl"))]  # noqa: E731
+    a, b = read("a"), read("b")
+    assert a == [{**x, "score": x["score"]} for x in b]
+    at = lambda rows, alpha: [x["response"] for x in rows if x["alpha"] == alpha]  # noqa: E731
+    assert at(a, 0.0) != at(a, 4.0)
+
+
+def test_search_resumes_after_a_kill(chat, tmp_path):
+    """A search killed (SIGKILL) while scoring its third alpha: the same command reuses the two evaluations on
+    disk, evaluates the rest, and ends with the record an uninterrupted search gives."""
+    sft, aligned, prompts = chat
+    args = ["search", "--sft", sft, "--aligned", aligned, "--prompts", prompts, "--alpha", "0.5,1,2",
+            "--max-new-tokens", "6", "--device", "cpu", "--batch-size", "3"]
+    env = {"PYTHONPATH": TESTS, "EXPO_TEST_KILL_COUNT": str(tmp_path / "count"),
+           "EXPO_TEST_KILL_AFTER": str(2 * 5 + 1)}
+    rep = str(tmp_path / "rep")
+    killed = expo_process(*args, "--report", rep, "--reward-fn", "search_rewards:kill_after", env=env,
+                          cwd=tmp_path, timeout=300)
+    assert killed.returncode == -9, killed.stderr
+    with open(os.path.join(rep, "search.json")) as f:
+        assert [e["alpha"] for e in json.load(f)["evaluations"]] == [0.0, 0.5]
+    env["EXPO_TEST_KILL_AFTER"] = "0"
+    again = expo_process(*args, "--report", rep, "--reward-fn", "search_rewards:kill_after", env=env,
+                         cwd=tmp_path, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "resuming: 2 evaluation(s) already in" in again.stderr
+    assert again.stderr.count("loading weights") == 2  # alpha 1 and 2 only
+    whole = str(tmp_path / "whole")
+    fresh = expo_process(*args, "--report", whole, "--reward-fn", "search_rewards:count_w7", env=env, cwd=tmp_path,
+                         timeout=300)
+    assert fresh.returncode == 0, fresh.stderr
+    strip = lambda r: [{k: v for k, v in e.items() if k != "seconds"} for e in r["evaluations"]]  # noqa: E731
+    got, want = (json.load(open(os.path.join(d, "search.json"))) for d in (rep, whole))
+    assert strip(got) == strip(want)
+    rows = lambda d: open(os.path.join(d, "responses.jsonl")).read()  # noqa: E731
+    assert rows(rep) == rows(whole)
+
+
+def test_search_cli_table_and_write_best(chat, tmp_path):
+    sft, aligned, prompts = chat
+    rep, out = str(tmp_path / "rep"), str(tmp_path / "best")
+    r = expo_process("search", "--sft", sft, "--aligned", aligned, "--prompts", prompts, "--report", rep,
+                     "--reward-cmd", f"{sys.executable} -c \"import sys, json; [print(len(json.loads(x)['response']))"
+                     " for x in sys.stdin]\"", "--alpha", "1", "--max-new-tokens", "6", "--device", "cpu",
+                     "--write-best", out, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "expo search: 2 evaluation(s); best alpha" in r.stdout and "<- best" in r.stdout
+    assert "[2] alpha 1: generated 5/5 prompt(s)" in r.stderr
+    with open(os.path.join(rep, "search.json"), "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+        f.seek(0)
+        best = json.load(f)["best"]["alpha"]
+    with open(os.path.join(out, "expo.json")) as f:
+        prov = json.load(f)
+    assert prov["search"]["sha256"] == digest and prov["alpha"] == best
+    assert verify(out, sft, aligned).ok
+
+
+def test_search_with_a_reward_model(chat, tmp_path):
+    """A real sequence-classification reward model (a tiny Llama with a 1-label head and its own tokenizer) scores
+    every response; the same responses score the same in a second search."""
+    from transformers import LlamaForSequenceClassification
+
+    sft, aligned, prompts = chat
+    cfg = llama_config()
+    cfg.num_labels, cfg.pad_token_id = 1, 0
+    torch.manual_seed(3)
+    rm = str(tmp_path / "rm")
+    LlamaForSequenceClassification(cfg).save_pretrained(rm)
+    tiny_tokenizer().save_pretrained(rm)
+    recs = [search(sft, aligned, prompts, str(tmp_path / f"r{k}"), reward_model=rm, alpha="1", **FAST)
+            for k in range(2)]
+    assert [e["reward_mean"] for e in recs[0]["evaluations"]] == [e["reward_mean"] for e in recs[1]["evaluations"]]
+    assert len({e["reward_mean"] for e in recs[0]["evaluations"]}) == 2  # the two alphas score differently
+
+
+@pytest.mark.parametrize("reward,needle", [
+    (["--reward-fn", "search_rewards:broken"], "search_rewards:broken raised RuntimeError: the reward server is down"),
+    (["--reward-fn", "search_rewards:not_a_number"], "gave 'high' for response 1, not a number"),
+    (["--reward-fn", "no_such_module:f"], "cannot import it"),
+    (["--reward-cmd", "echo 1"], "printed 1 number(s) for 5 response(s)"),
+    (["--reward-cmd", "exit 3"], "exited with status 3"),
+    ([], "give exactly one reward signal"),
+    (["--reward-fn", "search_rewards:count_w7", "--reward-cmd", "echo 1"], "give exactly one reward signal"),
+])
+def test_search_user_errors(chat, tmp_path, reward, needle):
+    """A failing reward signal or a wrong option: one line naming it, exit 2, no traceback."""
+    sft, aligned, prompts = chat
+    r = expo_process("search", "--sft", sft, "--aligned", aligned, "--prompts", prompts, "--report",
+                     str(tmp_path / "rep"), *reward, "--alpha", "1", "--max-new-tokens", "4", "--device", "cpu",
+                     env={"PYTHONPATH": TESTS}, cwd=tmp_path, timeout=300)
+    assert_user_error(r.returncode, r.stderr.splitlines()[-1] + "\n" if r.stderr else "", needle)
+    assert "Traceback" not in r.stderr
+
+
+def test_a_second_search_into_the_same_report_is_refused(chat, tmp_path):
+    import fcntl
+
+    from expo_engine import OutputError
+
+    sft, aligned, prompts = chat
+    rep = tmp_path / "rep"
+    rep.mkdir()
+    fd = os.open(rep / ".expo-search.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(OutputError, match="being written by another expo search"):
+            search(sft, aligned, prompts, str(rep), reward_fn="search_rewards:count_w7", alpha="1", **FAST)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU and vllm")
+def test_vllm_backend_matches_the_extrapolated_checkpoint(chat, tmp_path):
+    """vLLM: after load_weights(alpha), greedy generations equal those of vLLM loading `expo extrapolate`'s output
+    for that alpha. Untested until it has run on a GPU."""
+    pytest.importorskip("vllm")
+    from expo_engine.generation import Sampling, open_backend
+    from expo_engine.sources import open_checkpoint
+
+    sft, aligned, prompts = chat
+    backend = open_backend("vllm", open_checkpoint(sft), open_checkpoint(aligned), "cuda", 1 << 20)
+    backend.load_weights(2.0)
+    texts = [backend.render(p.text, None, True) for p in load_prompts(prompts)]
+    got = backend.generate(texts, Sampling(max_new_tokens=6, temperature=0.0))
+    out = str(tmp_path / "out")
+    extrapolate(sft, aligned, 2.0, out)
+    del backend
+    from vllm import LLM, SamplingParams
+
+    want = LLM(model=out).generate(texts, SamplingParams(max_tokens=6, temperature=0.0))
+    assert [g[0].text for g in got] == [w.outputs[0].text for w in want]
