@@ -66,7 +66,11 @@ class TransformersBackend:
 
     def __init__(self, sft: Checkpoint, aligned: Checkpoint, device, chunk_bytes: int):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+        except ImportError:
+            raise OptionError("expo search needs transformers: pip install 'expo-engine[search]'") from None
 
         from .weights import LiveWeights
 
