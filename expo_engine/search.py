@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from .errors import OptionError, OutputError
 from .generation import BACKENDS, Response, Sampling, open_backend
-from .plan import DEFAULT_CHUNK_BYTES, check_alpha, parse_alphas
+from .plan import check_alpha, parse_alphas
 from .rewards import Item, open_reward
 from .sources import Checkpoint, open_checkpoint
 
@@ -45,6 +45,9 @@ LENGTH_JUMP = 2.0  # degenerate: mean length above this times the baseline's (an
 MIN_ALPHA = 0.01  # the auto search does not refine below this: such an alpha is the aligned model to the eye
 DEFAULT_BUDGET = 8
 SEARCH_NAME, RESPONSES_NAME = "search.json", "responses.jsonl"
+# The weights update's chunk size: its buffers (up to 9 chunks in flight) sit beside the whole model, so smaller than
+# extrapolate's 64 MiB; 8 MiB chunks still read at disk speed (the update is I/O-bound either way).
+SEARCH_CHUNK_BYTES = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -205,7 +208,7 @@ def search(sft: str, aligned: str, prompts: str, report: str, *, reward_model: s
            reward_fn: str | None = None, reward_cmd: str | None = None, alpha="auto", budget: int = DEFAULT_BUDGET,
            max_new_tokens: int = 512, samples: int = 1, seed: int = 42, backend: str = "transformers",
            device: str = "auto", write_best: str | None = None, chat_template: bool = True,
-           batch_size: int = 8, temperature: float = 0.7, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+           batch_size: int = 8, temperature: float = 0.7, chunk_bytes: int = SEARCH_CHUNK_BYTES,
            on_progress: Callable[[str], None] | None = None) -> dict:
     """Evaluate alphas with a reward signal and return the search record (what `DIR/search.json` holds):
     `{"evaluations": [...], "best": {...}, "inputs": {...}, "settings": {...}}`.
