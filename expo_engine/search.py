@@ -259,15 +259,13 @@ def search(sft: str, aligned: str, prompts: str, report: str, *, reward_model: s
         while (a := next_alpha(evals, grid, budget)) is not None:
             started = time.monotonic()
             step = len(evals) + 1
-            say(f"[{step}] alpha {a:g}: loading weights")
             model.load_weights(a)
             t_gen = time.monotonic()
-            responses = model.generate(texts, sampling, on_batch=lambda done, a=a, step=step: say(
-                f"[{step}] alpha {a:g}: generated {done}/{len(texts)} prompt(s)"))
+            say(f"[{step}] alpha {a:g}: weights in place ({t_gen - started:.1f} s); generating {len(texts)} "
+                f"prompt(s) x {samples}")
+            responses = model.generate(texts, sampling, on_batch=_throttled(say, step, a, len(texts), t_gen))
             t_score = time.monotonic()
             flat = [r for rs in responses for r in rs]
-            say(f"[{step}] alpha {a:g}: scoring {len(flat)} response(s) "
-                f"({sum(r.tokens for r in flat) / max(t_score - t_gen, 1e-9):.0f} tokens/s generated)")
             rewards = reward.score(items_of(responses))
             base = evals.get(0.0)
             ev = evaluate(a, rewards, flat, kept.get(0.0, rewards) if a else None, base,
@@ -278,7 +276,9 @@ def search(sft: str, aligned: str, prompts: str, report: str, *, reward_model: s
             _write_json(os.path.join(report, SEARCH_NAME), record)
             say(f"[{step}] alpha {a:g}: reward {ev.reward_mean:.4g} +- {ev.reward_stderr:.2g}, win rate vs aligned "
                 f"{ev.win_rate_vs_aligned:.2f}, mean length {ev.mean_length:.1f}, truncated "
-                f"{ev.truncated_share:.0%}{', DEGENERATE' if ev.degenerate else ''} ({ev.seconds:.1f} s)")
+                f"{ev.truncated_share:.0%}{', DEGENERATE' if ev.degenerate else ''}; generated "
+                f"{sum(r.tokens for r in flat) / max(t_score - t_gen, 1e-9):.0f} tokens/s, scored in "
+                f"{time.monotonic() - t_score:.1f} s ({ev.seconds:.1f} s in all)")
         record = record or _record(evals, inputs, settings, key, grid, budget)
         _write_json(os.path.join(report, SEARCH_NAME), record)
         write_reports(report, record)
@@ -291,6 +291,22 @@ def search(sft: str, aligned: str, prompts: str, report: str, *, reward_model: s
             "best": record["best"]}})
         record["written"] = {"out": summary.out, "alpha": summary.alpha}
     return record
+
+
+def _throttled(say: Callable[[str], None], step: int, alpha: float, total: int, started: float,
+               every: float = 10.0) -> Callable[[int], None]:
+    """Generation progress for `say`: at most one line per `every` seconds, with the rate and an ETA."""
+    last = [started]
+
+    def on_batch(done: int) -> None:
+        now = time.monotonic()
+        if done < total and now - last[0] >= every:
+            last[0] = now
+            rate = done / (now - started)
+            say(f"[{step}] alpha {alpha:g}: generated {done}/{total} prompt(s), {rate:.2g} prompt(s)/s, ETA "
+                f"{(total - done) / rate:.0f} s")
+
+    return on_batch
 
 
 def _grid(alpha) -> tuple[float, ...] | None:

@@ -241,7 +241,7 @@ def test_search_resumes_after_a_kill(chat, tmp_path):
                          cwd=tmp_path, timeout=300)
     assert again.returncode == 0, again.stderr
     assert "resuming: 2 evaluation(s) already in" in again.stderr
-    assert again.stderr.count("loading weights") == 2  # alpha 1 and 2 only
+    assert again.stderr.count("weights in place") == 2  # alpha 1 and 2 only
     whole = str(tmp_path / "whole")
     fresh = expo_process(*args, "--report", whole, "--reward-fn", "search_rewards:count_w7", env=env, cwd=tmp_path,
                          timeout=300)
@@ -262,7 +262,7 @@ def test_search_cli_table_and_write_best(chat, tmp_path):
                      "--write-best", out, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "expo search: 2 evaluation(s); best alpha" in r.stdout and "<- best" in r.stdout
-    assert "[2] alpha 1: generated 5/5 prompt(s)" in r.stderr
+    assert "[2] alpha 1: weights in place" in r.stderr and "[2] alpha 1: reward " in r.stderr
     with open(os.path.join(rep, "search.json"), "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
         f.seek(0)
