@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
                         "chunks (in this process only: not with --executor ray)")
     x.add_argument("--out", required=True, metavar="DIR", help="output folder (appears only when complete); for a "
                                                                "sweep, the parent folder of the per-alpha folders")
+    x.add_argument("--drop", action="append", default=[], metavar="PATTERN",
+                   help="leave tensors whose name matches this regex out of the output, on purpose (repeatable; "
+                        "e.g. the value head of an RLHF checkpoint: --drop '^v_head[.]'); recorded in expo.json")
     x.add_argument("--alpha-rule", action="append", default=[], metavar="PATTERN=VALUE",
                    help="give the tensors whose name matches the regular expression PATTERN (re.search) another "
                         "alpha: VALUE is a number (the same at every alpha of a sweep) or xF (F times the alpha); "
@@ -238,14 +241,14 @@ def _run_extrapolate(args) -> int:
     if args.dry_run:
         job = prepare(args.sft, args.aligned, args.alpha, args.out, sweep=sweep, alpha_rules=rules,
                       dtype=args.dtype, max_shard_size=args.max_shard_size, chunk_bytes=chunk_bytes,
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite, drop=args.drop)
         choose_executor(args.executor, job.plans[0], args.workers, args.ray_address,
                         sweep=len(job.plans) if sweep else 0)
         print(alpha_table(job))
         return 0
     progress = Progress()
-    common = dict(alpha_rules=rules, dtype=args.dtype, max_shard_size=args.max_shard_size, chunk_bytes=chunk_bytes,
-                  overwrite=args.overwrite, stats=args.stats, executor=args.executor,
+    common = dict(alpha_rules=rules, drop=args.drop, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                  chunk_bytes=chunk_bytes, overwrite=args.overwrite, stats=args.stats, executor=args.executor,
                   allow_nonfinite=args.allow_nonfinite, device=args.device, on_executor=_say_executor,
                   on_notice=_say_notice, on_progress=progress.advance, unit_bytes=max(1, int(args.unit_mb * 2**20)))
     if sweep:
@@ -447,6 +450,9 @@ def alpha_table(job: Job) -> str:
                  f"{len(plan.shards)} shard(s), {human(plan.total_size)} per output, {human(plan.bytes_read)} read")
     for rule in plan.alpha_rules:
         lines.append(f"alpha rule: {rule}")
+    if plan.drop:
+        lines.append(f"dropped on purpose (--drop {' '.join(plan.drop)}): {len(plan.dropped)} tensor(s): "
+                     + ", ".join(plan.dropped))
     n = len(plans)
     lines.append("dry run: nothing was written; would write " + ", ".join(job.outs)
                  + (f" (memory: a fixed base plus about {3 * (2 + n)} chunks of {plan.chunk_bytes / 2**20:g} MiB)"

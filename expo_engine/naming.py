@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import MismatchError
+from .errors import MismatchError, OptionError
 from .sources import Checkpoint
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)\.")
@@ -38,26 +38,69 @@ def classify(name: str) -> tuple[int | None, str]:
     return layer, "other"
 
 
-def shared_names(sft: Checkpoint, aligned: Checkpoint) -> list[str]:
-    """Names on both sides, in the aligned checkpoint's order; any other name is an error unless it is a tie.
+# Tensors that RLHF and reward-model training add on top of a causal LM: TRL's value heads (`v_head.summary.*`),
+# reward and classification heads (`score.*`, `reward_head.*`, `value_head.*`).
+_HEADS = re.compile(r"^(?:v_head|value_head|reward_head|score|summary)\.")
+
+
+def listing(names: list[str], first: int = 5) -> str:
+    """`a, b, c, d, e and 12 more`."""
+    shown = ", ".join(names[:first])
+    return shown + (f" and {len(names) - first} more" if len(names) > first else "")
+
+
+def drop_filter(patterns) -> re.Pattern | None:
+    """One regex for `--drop` patterns (each searched in tensor names), or None for none. OptionError if one does
+    not compile."""
+    patterns = list(patterns or ())
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise OptionError(f"--drop {p!r} is not a regular expression ({e})") from None
+    return re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
+
+
+def dropped_names(sft: Checkpoint, aligned: Checkpoint, patterns) -> list[str]:
+    """The tensor names of either side that `patterns` leave out, sorted. OptionError for a pattern that matches
+    no tensor (a typo would otherwise drop nothing, silently)."""
+    rx = drop_filter(patterns)
+    names = sorted(set(sft.tensors) | set(aligned.tensors))
+    for p in patterns or ():
+        if not any(re.search(p, n) for n in names):
+            raise OptionError(f"--drop {p!r} matches no tensor of either checkpoint")
+    return [n for n in names if rx.search(n)] if rx else []
+
+
+def shared_names(sft: Checkpoint, aligned: Checkpoint, drop=()) -> list[str]:
+    """Names on both sides, in the aligned checkpoint's order, less those the `drop` patterns leave out; any other
+    name is an error unless it is a tie. The error lists every name on one side only (a count and the first few per
+    side) and suggests `--drop` for the heads RLHF training adds.
 
     A tie is a name on one side only whose bytes are another tensor's (a `.bin` saved with tied embeddings holds
     `lm_head.weight` as a view of `model.embed_tokens.weight`; save_pretrained's safetensors drop it). It is left
     out of the output, as save_pretrained does.
     """
-    only_sft = untied_extras(sft, aligned)
-    only_aligned = untied_extras(aligned, sft)
+    rx = drop_filter(drop)
+    kept = (lambda n: not rx.search(n)) if rx else (lambda n: True)
+    only_sft = [n for n in untied_extras(sft, aligned) if kept(n)]
+    only_aligned = [n for n in untied_extras(aligned, sft) if kept(n)]
     if only_sft or only_aligned:
         parts = []
         if only_sft:
-            parts.append(f"{len(only_sft)} only in the SFT checkpoint (first: {', '.join(only_sft[:5])})")
+            parts.append(f"{len(only_sft)} only in the SFT checkpoint ({listing(only_sft)})")
         if only_aligned:
-            parts.append(f"{len(only_aligned)} only in the aligned checkpoint (first: {', '.join(only_aligned[:5])})")
+            parts.append(f"{len(only_aligned)} only in the aligned checkpoint ({listing(only_aligned)})")
+        heads = sorted({n.split(".")[0] for n in only_sft + only_aligned if _HEADS.search(n)})
+        hint = (f"; {listing([n for n in only_sft + only_aligned if _HEADS.search(n)], 3)} look like a value or "
+                f"reward head that RLHF training adds: {' '.join(f'--drop {chr(39)}^{h}[.]{chr(39)}' for h in heads)} "
+                "leaves them out of the output" if heads else
+                "; --drop PATTERN (a regex, repeatable) leaves tensors out of the output on purpose")
         raise MismatchError(
             "the checkpoints hold different tensors: " + "; ".join(parts)
-            + ". ExPO needs an SFT checkpoint and an aligned checkpoint trained from it"
+            + ". ExPO needs an SFT checkpoint and an aligned checkpoint trained from it" + hint
         )
-    return [n for n in aligned.tensors if n in sft.tensors]
+    return [n for n in aligned.tensors if n in sft.tensors and kept(n)]
 
 
 def untied_extras(ck: Checkpoint, other: Checkpoint) -> list[str]:

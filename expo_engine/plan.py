@@ -15,7 +15,7 @@ from huggingface_hub import split_state_dict_into_shards_factory
 
 from . import dtypes
 from .errors import MismatchError, OptionError
-from .naming import shared_names
+from .naming import dropped_names, listing, shared_names
 from .rules import as_rules, resolve
 from .sources import Checkpoint, TensorSlot
 
@@ -75,6 +75,8 @@ class Plan:
     chunks: tuple[Chunk, ...]  # in write order
     total_size: int  # sum of output tensor bytes (the index's metadata.total_size)
     alpha_rules: tuple[str, ...] = ()  # the rules, as written, that set TensorPlan.alpha
+    drop: tuple[str, ...] = ()  # the --drop patterns, as written
+    dropped: tuple[str, ...] = ()  # the tensor names (of either side) they left out of the output
 
     @property
     def alpha_overrides(self) -> dict[str, float]:
@@ -240,26 +242,41 @@ def make_plan(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     rules=(),
+    drop=(),
 ) -> Plan:
-    """Match the checkpoints by tensor name and lay out the output. Raises MismatchError/OptionError.
+    """Match the checkpoints by tensor name and lay out the output. Raises MismatchError/OptionError, listing every
+    tensor that does not match (names on one side only, shapes, dtypes), not only the first.
 
     `rules` (alpha rules: `rules.Rule`s, `PATTERN=VALUE` strings or rules-file dicts) give tensors another alpha
-    than `alpha`; the first rule that selects a tensor wins (see expo_engine.rules)."""
+    than `alpha`; the first rule that selects a tensor wins (see expo_engine.rules). `drop` (regexes searched in
+    tensor names) leaves matching tensors of either side out of the output, on purpose (a value head)."""
     alpha = check_alpha(alpha)
     if chunk_bytes < 1:
         raise OptionError("the chunk size must be positive")
     out_float = _out_dtype(dtype)
     max_shard = parse_size(max_shard_size)
     # Output order follows the aligned checkpoint's files, so its reads stay sequential.
-    drafts = {}
-    for name in shared_names(sft, aligned):
+    drop = tuple(drop or ())
+    dropped = tuple(dropped_names(sft, aligned, drop))
+    drafts, shapes, kinds = {}, [], []
+    for name in shared_names(sft, aligned, drop):
         s, a = sft.tensors[name], aligned.tensors[name]
         if s.shape != a.shape:
-            raise MismatchError(
-                f"tensor '{name}' has shape {list(s.shape)} in the SFT checkpoint but {list(a.shape)} in the aligned "
-                "one; ExPO needs two checkpoints of one architecture (was the vocabulary resized by added tokens?)"
-            )
-        drafts[name] = (s, a, *_action(name, s, a, out_float))
+            shapes.append(f"{name} {list(s.shape)} vs {list(a.shape)}")
+        elif (action := _action(s, a, out_float)) is None:
+            kinds.append(f"{name} {s.dtype} vs {a.dtype}")
+        else:
+            drafts[name] = (s, a, *action)
+    problems = []
+    if shapes:
+        problems.append(f"{len(shapes)} tensor(s) differ in shape between the SFT and the aligned checkpoint "
+                        f"({listing(shapes)}); ExPO needs two checkpoints of one architecture (was the vocabulary "
+                        "resized by added tokens?)")
+    if kinds:
+        problems.append(f"{len(kinds)} tensor(s) differ in kind ({listing(kinds)}); ExPO extrapolates floating-point "
+                        "tensors (F16, BF16, F32, F64) and copies other tensors only when both sides are identical")
+    if problems:
+        raise MismatchError("; ".join(problems))
 
     alphas = {}
     if rules:
@@ -295,7 +312,7 @@ def make_plan(
         chunks.extend(Chunk(i, start, min(start + step, t.numel)) for start in range(0, t.numel, step))
     total = sum(t.nbytes for t in tensors)
     return Plan(float(alpha), chunk_bytes, tuple(tensors), tuple(shards), tuple(chunks), total,
-                tuple(r.text for r in rules) if rules else ())
+                tuple(r.text for r in rules) if rules else (), drop, dropped)
 
 
 def _out_dtype(dtype: str | None) -> str | None:
@@ -307,16 +324,15 @@ def _out_dtype(dtype: str | None) -> str | None:
     return dtypes.CLI_NAMES[key]
 
 
-def _action(name: str, s: TensorSlot, a: TensorSlot, out_float: str | None) -> tuple[str, str]:
+def _action(s: TensorSlot, a: TensorSlot, out_float: str | None) -> tuple[str, str] | None:
+    """(action, output dtype), or None when the two sides cannot be combined (a float and a non-float, or two
+    different non-float dtypes)."""
     s_float, a_float = s.dtype in dtypes.FLOATS, a.dtype in dtypes.FLOATS
     if s_float and a_float:
         return "extrapolate", out_float or a.dtype
     if not s_float and not a_float and s.dtype == a.dtype:
         return "copy", a.dtype  # the executor's caller checks that both sides hold the same bytes
-    raise MismatchError(
-        f"tensor '{name}' is {s.dtype} in the SFT checkpoint and {a.dtype} in the aligned one; ExPO extrapolates "
-        "floating-point tensors (F16, BF16, F32, F64) and copies other tensors only when both sides are identical"
-    )
+    return None
 
 
 def _header_bytes(header: dict) -> bytes:

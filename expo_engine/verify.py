@@ -115,8 +115,9 @@ def verify(
                             **report)
     # alpha rules: the tensors that got another alpha are recorded with it in expo.json
     overrides = {name: float(a) for name, a in ((provenance or {}).get("alpha_by_tensor") or {}).items()}
+    drop = ((provenance or {}).get("dropped") or {}).get("patterns") or ()  # left out on purpose (--drop)
     checked, worst, failing = _check_elements(slots, *sources, alpha, sample, seed, chunk_bytes, problems,
-                                              overrides)
+                                              overrides, drop)
     return VerifyReport(problems=problems, alpha=alpha, elements_checked=checked, worst_steps=worst,
                         failing_tensors=failing, **report)
 
@@ -295,11 +296,11 @@ def _sha256(path: str) -> str:
 # 3. Elements
 
 
-def _check_elements(slots, sft, aligned, alpha, sample, seed, chunk_bytes, problems, overrides=None):
+def _check_elements(slots, sft, aligned, alpha, sample, seed, chunk_bytes, problems, overrides=None, drop=()):
     """Return (elements checked, worst steps, failing tensors) for the output tensors in `slots`."""
     import torch
 
-    shared = shared_names(sft, aligned)  # the names an output of these sources holds; raises MismatchError
+    shared = shared_names(sft, aligned, drop)  # the names an output of these sources holds; raises MismatchError
     names = {s.name for s in slots}
     extra = sorted(names - set(shared))
     if extra:
