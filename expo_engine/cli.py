@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
                         "chunks (in this process only: not with --executor ray)")
     x.add_argument("--out", required=True, metavar="DIR", help="output folder (appears only when complete); for a "
                                                                "sweep, the parent folder of the per-alpha folders")
+    x.add_argument("--vocab", default="auto", choices=("auto", "aligned-extends-sft"),
+                   help="when the aligned model has more vocabulary rows: match them by the two tokenizers (auto, "
+                        "default), or take its first rows as the SFT model's (aligned-extends-sft)")
     x.add_argument("--drop", action="append", default=[], metavar="PATTERN",
                    help="leave tensors whose name matches this regex out of the output, on purpose (repeatable; "
                         "e.g. the value head of an RLHF checkpoint: --drop '^v_head[.]'); recorded in expo.json")
@@ -241,13 +244,14 @@ def _run_extrapolate(args) -> int:
     if args.dry_run:
         job = prepare(args.sft, args.aligned, args.alpha, args.out, sweep=sweep, alpha_rules=rules,
                       dtype=args.dtype, max_shard_size=args.max_shard_size, chunk_bytes=chunk_bytes,
-                      overwrite=args.overwrite, drop=args.drop)
+                      overwrite=args.overwrite, drop=args.drop, vocab=args.vocab)
         choose_executor(args.executor, job.plans[0], args.workers, args.ray_address,
                         sweep=len(job.plans) if sweep else 0)
         print(alpha_table(job))
         return 0
     progress = Progress()
-    common = dict(alpha_rules=rules, drop=args.drop, dtype=args.dtype, max_shard_size=args.max_shard_size,
+    common = dict(alpha_rules=rules, drop=args.drop, vocab=args.vocab, dtype=args.dtype,
+                  max_shard_size=args.max_shard_size,
                   chunk_bytes=chunk_bytes, overwrite=args.overwrite, stats=args.stats, executor=args.executor,
                   allow_nonfinite=args.allow_nonfinite, device=args.device, on_executor=_say_executor,
                   on_notice=_say_notice, on_progress=progress.advance, unit_bytes=max(1, int(args.unit_mb * 2**20)))
@@ -324,6 +328,13 @@ def _run_search(args) -> int:
     if "written" in record:
         print(f"wrote {record['written']['out']} with alpha {record['written']['alpha']:g}")
     return 0
+
+
+def vocab_line(plan) -> str:
+    v = plan.vocab
+    return (f"vocabulary resized ({v.sft_rows} -> {v.aligned_rows} rows, matched {v.how}"
+            + (f", {v.moved} row(s) at another id" if v.moved else "") + f"): {', '.join(plan.vocab_tensors)}: "
+            f"{v.extrapolated} row(s) extrapolated, {v.copied} copied from the aligned model")
 
 
 def _check_report_file(option: str, path: str) -> None:
@@ -450,6 +461,8 @@ def alpha_table(job: Job) -> str:
                  f"{len(plan.shards)} shard(s), {human(plan.total_size)} per output, {human(plan.bytes_read)} read")
     for rule in plan.alpha_rules:
         lines.append(f"alpha rule: {rule}")
+    if plan.vocab:
+        lines.append(vocab_line(plan))
     if plan.drop:
         lines.append(f"dropped on purpose (--drop {' '.join(plan.drop)}): {len(plan.dropped)} tensor(s): "
                      + ", ".join(plan.dropped))
@@ -503,6 +516,11 @@ class Progress:
         else:
             print(f"planned {len(plan.tensors)} tensors, {len(plan.shards)} shard(s), {human(plan.total_size)} to "
                   f"write in {len(plan.chunks)} chunks", file=self.stream)
+        if plan.vocab:
+            print(vocab_line(plan), file=self.stream)
+        if plan.drop:
+            print(f"dropped on purpose (--drop): {len(plan.dropped)} tensor(s): {', '.join(plan.dropped)}",
+                  file=self.stream)
         self.tty = self.stream.isatty()
 
     def advance(self, nbytes: int) -> None:

@@ -89,8 +89,8 @@ def scan_nonfinite(plan: Plan, staging_dir: str, names: list[str]) -> list[NonFi
             t = wanted.get(c.tensor)
             if t is None:
                 continue
-            s = inputs.read_into(bufs.sft, t.sft, c.start, c.stop)
             a = inputs.read_into(bufs.aligned, t.aligned, c.start, c.stop)
+            s = a if c.sft_span is None else inputs.read_into(bufs.sft, t.sft, *c.sft_span)
             if t.shard not in fds:
                 fds[t.shard] = os.open(os.path.join(staging_dir, t.shard), os.O_RDONLY)
             dtype = dtypes.TORCH[t.dtype]
@@ -112,7 +112,7 @@ def scan_nonfinite(plan: Plan, staging_dir: str, names: list[str]) -> list[NonFi
             count = int(bad.sum())
             if count and r.first is None:
                 i = int(bad.nonzero()[0])
-                r.first = (c.start + i, float(s[i]), float(a[i]), float(o[i]), t.alpha)
+                r.first = (c.start + i, float(s[i]), float(a[i]), float(o[i]), chunk_alpha(t, c))
             r.produced += count
     finally:
         inputs.close()
@@ -217,8 +217,8 @@ def kept_units(units: tuple[Unit, ...], stagings: list[Staging], resumed_only: b
 def chunk_input_bytes(plan: Plan, c: Chunk) -> int:
     t = plan.tensors[c.tensor]
     n = c.stop - c.start
-    return n * dtypes.itemsize(t.aligned.dtype) + (n * dtypes.itemsize(t.sft.dtype) if t.action == "extrapolate"
-                                                   else 0)
+    reads_sft = t.action == "extrapolate" and c.sft_span is not None
+    return n * dtypes.itemsize(t.aligned.dtype) + (n * dtypes.itemsize(t.sft.dtype) if reads_sft else 0)
 
 
 def merge_stats(found: dict, stats: dict | None) -> None:
@@ -349,7 +349,8 @@ def _pipeline(plans, chunks, inputs, writes, stats, founds, sets):
             ts = [p.tensors[c.tensor] for p in plans]
             # Every output from the same input buffers; only the last may overwrite the aligned one, after the
             # others have read it.
-            return ts, [_compute(t, s, a, bufs.outs[j], j == last, founds[j], stats, pool) for j, t in enumerate(ts)]
+            return ts, [_compute(t, chunk_alpha(t, c), s, a, bufs.outs[j], j == last, founds[j], stats, pool)
+                        for j, t in enumerate(ts)]
 
         ring(len(chunks),
              read=lambda k: _read(inputs, plan.tensors[chunks[k].tensor], chunks[k], sets[k % DEPTH]),
@@ -358,13 +359,20 @@ def _pipeline(plans, chunks, inputs, writes, stats, founds, sets):
              prefetch=lambda k: inputs.prefetch(plan.tensors[chunks[k].tensor], chunks[k]))
 
 
+def chunk_alpha(t: TensorPlan, c: Chunk) -> float:
+    """The alpha of chunk `c` of tensor `t`: the tensor's, or 0 for rows only the aligned model has (copied)."""
+    return t.alpha if c.sft_span is not None else 0.0
+
+
 def _read(inputs: Inputs, t: TensorPlan, c: Chunk, bufs: Buffers):
     a = inputs.read_bytes(bufs.aligned, t.aligned, c.start, c.stop)
-    s = inputs.read_bytes(bufs.sft, t.sft, c.start, c.stop) if t.action == "extrapolate" else None
-    return s, a
+    if t.action != "extrapolate":
+        return None, a
+    # rows only the aligned model has: aligned as both sides, at alpha 0 (aligned itself, rounded once)
+    return (a if c.sft_span is None else inputs.read_bytes(bufs.sft, t.sft, *c.sft_span)), a
 
 
-def _compute(t: TensorPlan, s: np.ndarray | None, a: np.ndarray, out_buf: np.ndarray, in_place: bool,
+def _compute(t: TensorPlan, alpha: float, s: np.ndarray | None, a: np.ndarray, out_buf: np.ndarray, in_place: bool,
              found: dict, stats: bool, pool: ThreadPoolExecutor) -> tuple[np.ndarray, tuple | None]:
     """One output of one chunk (uint8 arrays of its elements), with the tensor's alpha: over the aligned buffer
     when `in_place` allows and the dtypes agree, else into `out_buf`. Adds the chunk's statistics to `found` and
@@ -377,7 +385,7 @@ def _compute(t: TensorPlan, s: np.ndarray | None, a: np.ndarray, out_buf: np.nda
     # Split the chunk over the compute threads (the compiled kernel and torch release the GIL), each on whole blocks.
     step = -(-n // (COMPUTE_THREADS * kernels.STATS_BLOCK)) * kernels.STATS_BLOCK
     parts = [pool.submit(kernels.extrapolate_bytes, out[i * so:(i + step) * so], t.dtype, s[i * ss:(i + step) * ss],
-                         t.sft.dtype, a[i * sa:(i + step) * sa], t.aligned.dtype, t.alpha, stats)
+                         t.sft.dtype, a[i * sa:(i + step) * sa], t.aligned.dtype, alpha, stats)
              for i in range(0, n, step)]
     piece: dict[str, tuple[kernels.Stats, kernels.Stats]] = {}
     for p in parts:

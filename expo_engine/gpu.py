@@ -30,7 +30,7 @@ import torch
 
 from . import dtypes, kernels
 from .errors import OptionError
-from .executor import ring
+from .executor import chunk_alpha, ring
 from .plan import Chunk, Plan, TensorPlan
 from .reading import ALIGN, DEPTH
 
@@ -327,8 +327,9 @@ def _pipeline(plan, chunks, inputs, write, stats, kernel, found, hosts, devs, st
         c = chunks[k]
         t, h = plan.tensors[c.tensor], hosts[k % DEPTH]
         a = inputs.read_into(h.aligned, t.aligned, c.start, c.stop)
-        s = inputs.read_into(h.sft, t.sft, c.start, c.stop) if t.action == "extrapolate" else None
-        return s, a
+        if t.action != "extrapolate":
+            return None, a
+        return (a if c.sft_span is None else inputs.read_into(h.sft, t.sft, *c.sft_span)), a  # see executor._read
 
     def compute(k: int, got):
         """Queue the chunk's copies and kernel (returns at once); `finish` waits for them."""
@@ -336,7 +337,8 @@ def _pipeline(plan, chunks, inputs, write, stats, kernel, found, hosts, devs, st
         t = plan.tensors[chunks[k].tensor]
         if t.action == "copy":
             return a_h, None, None
-        return _on_device(t, s_h, a_h, hosts[k % DEPTH], devs[k % DEVICE_SETS], kernel, streams)
+        return _on_device(t, chunk_alpha(t, chunks[k]), s_h, a_h, hosts[k % DEPTH], devs[k % DEVICE_SETS], kernel,
+                          streams)
 
     def finish(k: int, queued) -> None:
         out, done, sums = queued
@@ -357,7 +359,7 @@ def _pipeline(plan, chunks, inputs, write, stats, kernel, found, hosts, devs, st
          prefetch=lambda k: inputs.prefetch(plan.tensors[chunks[k].tensor], chunks[k]))
 
 
-def _on_device(t: TensorPlan, s_h, a_h, h: _HostSet, d: _DeviceSet, kernel: str, streams: _Streams):
+def _on_device(t: TensorPlan, alpha: float, s_h, a_h, h: _HostSet, d: _DeviceSet, kernel: str, streams: _Streams):
     """Queue copy-in, kernel and copy-out of one chunk, with the tensor's alpha; return (host output view, its
     event, host sums).
 
@@ -372,7 +374,7 @@ def _on_device(t: TensorPlan, s_h, a_h, h: _HostSet, d: _DeviceSet, kernel: str,
     with streams.on(streams.compute):
         streams.wait(streams.compute, copied_in)
         o_d = _view(d.out, dtype, n)
-        sums = _sums(o_d, s_d, a_d, t.alpha, _pick(kernel, o_d, s_d, a_d), d.parts)
+        sums = _sums(o_d, s_d, a_d, alpha, _pick(kernel, o_d, s_d, a_d), d.parts)
         computed = streams.record(streams.compute)
     with streams.on(streams.d2h):
         streams.wait(streams.d2h, computed)

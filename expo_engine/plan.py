@@ -15,9 +15,10 @@ from huggingface_hub import split_state_dict_into_shards_factory
 
 from . import dtypes
 from .errors import MismatchError, OptionError
-from .naming import dropped_names, listing, shared_names
+from .naming import classify, dropped_names, listing, shared_names
 from .rules import as_rules, resolve
 from .sources import Checkpoint, TensorSlot
+from .vocab import RowMap, row_map, vocab_size
 
 SHARD_PATTERN = "model{suffix}.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -39,6 +40,7 @@ class TensorPlan:
     shard: str  # output file name
     offset: int  # absolute byte offset of the tensor's first element in that file
     alpha: float  # the alpha of this tensor: the plan's, or what an alpha rule gave it
+    rows: tuple = ()  # vocabulary segments (start_row, stop_row, sft_row or None) when the row counts differ
 
     @property
     def numel(self) -> int:
@@ -64,6 +66,13 @@ class Chunk:
     tensor: int
     start: int
     stop: int
+    sft_shift: int | None = 0  # the SFT elements are [start + shift, stop + shift); None: aligned-only rows
+
+    @property
+    def sft_span(self) -> tuple[int, int] | None:
+        """The SFT tensor's elements this chunk combines with, or None for rows only the aligned model has (they
+        are copied from it: alpha 0)."""
+        return None if self.sft_shift is None else (self.start + self.sft_shift, self.stop + self.sft_shift)
 
 
 @dataclass(frozen=True)
@@ -77,6 +86,8 @@ class Plan:
     alpha_rules: tuple[str, ...] = ()  # the rules, as written, that set TensorPlan.alpha
     drop: tuple[str, ...] = ()  # the --drop patterns, as written
     dropped: tuple[str, ...] = ()  # the tensor names (of either side) they left out of the output
+    vocab: RowMap | None = None  # how the rows of the tensors whose vocabulary was resized were matched
+    vocab_tensors: tuple[str, ...] = ()  # those tensors
 
     @property
     def alpha_overrides(self) -> dict[str, float]:
@@ -243,13 +254,18 @@ def make_plan(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     rules=(),
     drop=(),
+    vocab: str = "auto",
 ) -> Plan:
     """Match the checkpoints by tensor name and lay out the output. Raises MismatchError/OptionError, listing every
     tensor that does not match (names on one side only, shapes, dtypes), not only the first.
 
     `rules` (alpha rules: `rules.Rule`s, `PATTERN=VALUE` strings or rules-file dicts) give tensors another alpha
     than `alpha`; the first rule that selects a tensor wins (see expo_engine.rules). `drop` (regexes searched in
-    tensor names) leaves matching tensors of either side out of the output, on purpose (a value head)."""
+    tensor names) leaves matching tensors of either side out of the output, on purpose (a value head).
+
+    Tensors whose first dimension (the vocabulary) has more rows in the aligned checkpoint, all by the same count,
+    are matched row by row (`vocab.row_map`, from the two tokenizers; `vocab="aligned-extends-sft"` without them):
+    shared rows are extrapolated, rows only the aligned model has are copied from it."""
     alpha = check_alpha(alpha)
     if chunk_bytes < 1:
         raise OptionError("the chunk size must be positive")
@@ -258,15 +274,28 @@ def make_plan(
     # Output order follows the aligned checkpoint's files, so its reads stay sequential.
     drop = tuple(drop or ())
     dropped = tuple(dropped_names(sft, aligned, drop))
-    drafts, shapes, kinds = {}, [], []
+    drafts, shapes, kinds, resized = {}, [], [], {}
+    vocabs = (vocab_size(sft.path), vocab_size(aligned.path))
     for name in shared_names(sft, aligned, drop):
         s, a = sft.tensors[name], aligned.tensors[name]
-        if s.shape != a.shape:
+        if (s.shape != a.shape and len(s.shape) == len(a.shape) >= 1 and s.shape[1:] == a.shape[1:]
+                and (classify(name)[1] in ("embed", "head") or (s.shape[0], a.shape[0]) == vocabs)):
+            resized[name] = (s.shape[0], a.shape[0])  # a resized vocabulary, if all such tensors agree
+        if s.shape != a.shape and name not in resized:
             shapes.append(f"{name} {list(s.shape)} vs {list(a.shape)}")
         elif (action := _action(s, a, out_float)) is None:
             kinds.append(f"{name} {s.dtype} vs {a.dtype}")
         else:
             drafts[name] = (s, a, *action)
+    rows_map = None
+    if resized:
+        if len(set(resized.values())) > 1 or shapes:  # not one vocabulary: plain shape mismatches
+            shapes = [f"{n} {list(sft.tensors[n].shape)} vs {list(aligned.tensors[n].shape)}" for n in resized] + shapes
+            for n in resized:
+                drafts.pop(n, None)
+        else:
+            (n_sft, n_aligned), = set(resized.values())
+            rows_map = row_map(sft, aligned, n_sft, n_aligned, vocab, list(resized))
     problems = []
     if shapes:
         problems.append(f"{len(shapes)} tensor(s) differ in shape between the SFT and the aligned checkpoint "
@@ -302,17 +331,24 @@ def make_plan(
         for n in names:
             s, a, action, out_dtype = drafts[n]
             start = len(header) + header_json[n]["data_offsets"][0]
-            tensors.append(TensorPlan(n, a.shape, action, out_dtype, s, a, filename, start, alphas.get(n, alpha)))
+            tensors.append(TensorPlan(n, a.shape, action, out_dtype, s, a, filename, start, alphas.get(n, alpha),
+                                      rows_map.segments if rows_map and n in resized else ()))
         shards.append(ShardPlan(filename, header, len(header) + offset, tuple(names)))
 
     chunks = []
     for i, t in enumerate(tensors):
         widest = max(dtypes.itemsize(t.sft.dtype), dtypes.itemsize(t.aligned.dtype), dtypes.itemsize(t.dtype))
         step = max(1, chunk_bytes // widest)
-        chunks.extend(Chunk(i, start, min(start + step, t.numel)) for start in range(0, t.numel, step))
+        row = math.prod(t.shape[1:])
+        # a resized vocabulary: chunks within each segment of rows, each with its own SFT offset
+        spans = ([(a0 * row, a1 * row, None if s0 is None else (s0 - a0) * row) for a0, a1, s0 in t.rows]
+                 if t.rows else [(0, t.numel, 0)])
+        for lo, hi, shift in spans:
+            chunks.extend(Chunk(i, start, min(start + step, hi), shift) for start in range(lo, hi, step))
     total = sum(t.nbytes for t in tensors)
     return Plan(float(alpha), chunk_bytes, tuple(tensors), tuple(shards), tuple(chunks), total,
-                tuple(r.text for r in rules) if rules else (), drop, dropped)
+                tuple(r.text for r in rules) if rules else (), drop, dropped, rows_map,
+                tuple(n for n in (t.name for t in tensors) if n in resized) if rows_map else ())
 
 
 def _out_dtype(dtype: str | None) -> str | None:

@@ -122,11 +122,14 @@ class Inputs:
 
     def prefetch(self, t: TensorPlan, c: Chunk) -> None:
         """Ask the kernel to read a chunk's input ranges into the page cache now (no memory of this process)."""
-        for slot in (t.aligned, t.sft) if t.action == "extrapolate" else (t.aligned,):
+        ranges = [(t.aligned, c.start)]
+        if t.action == "extrapolate" and c.sft_span is not None:
+            ranges.append((t.sft, c.sft_span[0]))
+        for slot, start in ranges:
             if slot.file in self.direct:
                 continue
             size = dtypes.itemsize(slot.dtype)
-            os.posix_fadvise(self.fds[slot.file], slot.offset + c.start * size, (c.stop - c.start) * size,
+            os.posix_fadvise(self.fds[slot.file], slot.offset + start * size, (c.stop - c.start) * size,
                              os.POSIX_FADV_WILLNEED)
 
     def check_unchanged(self) -> None:

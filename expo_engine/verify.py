@@ -117,7 +117,7 @@ def verify(
     overrides = {name: float(a) for name, a in ((provenance or {}).get("alpha_by_tensor") or {}).items()}
     drop = ((provenance or {}).get("dropped") or {}).get("patterns") or ()  # left out on purpose (--drop)
     checked, worst, failing = _check_elements(slots, *sources, alpha, sample, seed, chunk_bytes, problems,
-                                              overrides, drop)
+                                              overrides, drop, (provenance or {}).get("vocab"))
     return VerifyReport(problems=problems, alpha=alpha, elements_checked=checked, worst_steps=worst,
                         failing_tensors=failing, **report)
 
@@ -296,7 +296,8 @@ def _sha256(path: str) -> str:
 # 3. Elements
 
 
-def _check_elements(slots, sft, aligned, alpha, sample, seed, chunk_bytes, problems, overrides=None, drop=()):
+def _check_elements(slots, sft, aligned, alpha, sample, seed, chunk_bytes, problems, overrides=None, drop=(),
+                    vocab=None):
     """Return (elements checked, worst steps, failing tensors) for the output tensors in `slots`."""
     import torch
 
@@ -311,10 +312,18 @@ def _check_elements(slots, sft, aligned, alpha, sample, seed, chunk_bytes, probl
         problems.append(f"the output lacks {len(missing)} tensor(s) that the sources hold (first: "
                         f"{', '.join(missing[:5])})")
 
-    work, chunks = [], []  # work[i] = (out slot, sft slot, aligned slot, copied?)
+    # a resized vocabulary: the rows of these tensors, recorded in expo.json as segments (start_row, stop_row,
+    # sft_row or None); rows only the aligned model has must equal it (alpha 0)
+    segments = {name: [tuple(x) for x in vocab["segments"]] for name in vocab["tensors"]} if vocab else {}
+    work, chunks = [], []  # work[i] = (out slot, sft slot, aligned slot, copied?); chunks: (i, start, stop, shift)
     for o in slots:
         s, a = sft.tensors[o.name], aligned.tensors[o.name]
-        if not o.shape == s.shape == a.shape:
+        if o.name in segments and o.shape == a.shape and s.shape[1:] == a.shape[1:]:
+            row = math.prod(a.shape[1:])
+            spans = [(r0 * row, r1 * row, None if s0 is None else (s0 - r0) * row) for r0, r1, s0 in segments[o.name]]
+        elif o.shape == s.shape == a.shape:
+            spans = [(0, o.numel, 0)]
+        else:
             raise MismatchError(f"tensor '{o.name}' has shape {list(o.shape)} in the output but {list(s.shape)} "
                                 f"(SFT) and {list(a.shape)} (aligned) in the sources; are these its sources?")
         copied = o.dtype == a.dtype and a.dtype not in dtypes.FLOATS
@@ -322,7 +331,8 @@ def _check_elements(slots, sft, aligned, alpha, sample, seed, chunk_bytes, probl
             raise MismatchError(f"tensor '{o.name}' is {o.dtype} in the output but {s.dtype} (SFT) and {a.dtype} "
                                 "(aligned) in the sources; are these its sources?")
         step = max(1, chunk_bytes // max(dtypes.itemsize(t.dtype) for t in (o, s, a)))
-        chunks += [(len(work), start, min(start + step, o.numel)) for start in range(0, o.numel, step)]
+        chunks += [(len(work), start, min(start + step, hi), shift) for lo, hi, shift in spans
+                   for start in range(lo, hi, step)]
         work.append((o, s, a, copied))
     if sample is not None and chunks:
         picked = random.Random(seed).sample(range(len(chunks)), max(1, math.ceil(sample * len(chunks))))
@@ -334,26 +344,29 @@ def _check_elements(slots, sft, aligned, alpha, sample, seed, chunk_bytes, probl
     sets = [Buffers(chunk_bytes) for _ in range(2)]  # one set is read (O_DIRECT where allowed) while one is checked
 
     def read(k: int):
-        i, start, stop = chunks[k]
+        i, start, stop, shift = chunks[k]
         o, s, a, copied = work[i]
         bufs = sets[k % 2]
-        return (inputs.read_into(bufs.out, o, start, stop), inputs.read_into(bufs.aligned, a, start, stop),
-                None if copied else inputs.read_into(bufs.sft, s, start, stop))
+        want = inputs.read_into(bufs.aligned, a, start, stop)
+        s_vals = (None if copied else want if shift is None
+                  else inputs.read_into(bufs.sft, s, start + shift, stop + shift))
+        return inputs.read_into(bufs.out, o, start, stop), want, s_vals
 
     try:
         with read_ahead(len(chunks), read) as results:
-            for (i, _, _), (got, want, s_vals) in zip(chunks, results, strict=True):
+            for (i, _, _, shift), (got, want, s_vals) in zip(chunks, results, strict=True):
                 o, s, a, copied = work[i]
                 if copied:
                     n = dtypes.itemsize(o.dtype)
                     bad = got.view(torch.uint8).view(-1, n).ne(want.view(torch.uint8).view(-1, n)).any(1).sum().item()
                     worst = math.inf if bad else 0.0
                 else:
-                    worst, bad = kernels.error_counts(got, s_vals, want, (overrides or {}).get(o.name, alpha))
+                    a_k = 0.0 if shift is None else (overrides or {}).get(o.name, alpha)
+                    worst, bad = kernels.error_counts(got, s_vals, want, a_k)
                 stats[i][0], stats[i][1] = max(stats[i][0], worst), stats[i][1] + bad
     finally:
         inputs.close()
     failing = [(o.name, st[0], st[1]) for (o, *_), st in zip(work, stats, strict=True) if st[1]]
     worst = max((st[0] for st in stats), default=0.0)
-    return sum(stop - start for _, start, stop in chunks), worst, failing
+    return sum(stop - start for _, start, stop, _ in chunks), worst, failing
 

@@ -89,8 +89,11 @@ def test_shapes_differ(tmp_path, capsys):
 
     sft, aligned = make_pair(tmp_path, aligned_edit=resize)
     out = tmp_path / "out"
-    refused(capsys, tmp_path, cli_args(sft, aligned, out),
-            "model.embed_tokens.weight", f"[{VOCAB}, {HIDDEN}]", f"[{VOCAB + 2}, {HIDDEN}]", out=out)
+    # a resized vocabulary without tokenizers to match its rows: the message says what is missing and which flag
+    # accepts it anyway (tests/test_vocab.py covers the cases that go through)
+    refused(capsys, tmp_path, cli_args(sft, aligned, out), "model.embed_tokens.weight",
+            f"{VOCAB} rows in the SFT checkpoint, {VOCAB + 2} in the aligned one", "no tokenizer",
+            "--vocab aligned-extends-sft", out=out)
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
@@ -630,12 +633,13 @@ def test_inputs_are_opened_read_only(tmp_path, capsys, monkeypatch, outcome):
 
 
 def test_process_shape_mismatch(tmp_path):
-    sft, aligned = make_pair(tmp_path, sft_edit=lambda s: s.update({"lm_head.weight": s["lm_head.weight"][:-1]}))
+    # (a row fewer in lm_head alone would now read as a resized vocabulary: tests/test_vocab.py)
+    sft, aligned = make_pair(tmp_path, sft_edit=lambda s: s.update({UP[0]: s[UP[0]][:-1]}))
     out = tmp_path / "out"
     with unchanged(tmp_path, out):
         proc = expo_process("extrapolate", *cli_args(sft, aligned, out), cwd=tmp_path)
     assert proc.stdout == ""
-    assert_user_error(proc.returncode, proc.stderr, "lm_head.weight", f"[{VOCAB - 1}, {HIDDEN}]")
+    assert_user_error(proc.returncode, proc.stderr, UP[0], f"[{HIDDEN - 1}, {HIDDEN}]")
 
 
 def test_process_unsafe_pickle(tmp_path):
