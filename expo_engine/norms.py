@@ -10,6 +10,7 @@ streamed like extrapolation: chunks of at most `chunk_bytes`, read with pread in
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -20,6 +21,7 @@ from .kernels import Stats
 from .naming import KINDS, classify, untied_extras
 from .reading import Buffers, Inputs, direct_io, read_ahead
 from .sources import Checkpoint, open_checkpoint
+from .vocab import resized, row_map
 
 if TYPE_CHECKING:
     import torch
@@ -66,6 +68,7 @@ class PairReport:
     a: str
     b: str
     tensors: dict[str, Stats] = field(default_factory=dict)
+    vocab: dict | None = None  # a resized vocabulary: which rows were compared (vocab.RowMap.record)
 
     def aggregates(self) -> dict[str, dict]:
         total, by_layer, by_kind, by_layer_kind = Stats(), {}, {}, {}
@@ -85,7 +88,7 @@ class PairReport:
         }
 
     def as_dict(self) -> dict:
-        return {"a": self.a, "b": self.b, **self.aggregates(),
+        return {"a": self.a, "b": self.b, **({"vocab": self.vocab} if self.vocab else {}), **self.aggregates(),
                 "tensors": {n: {**dict(zip(("layer", "kind"), classify(n), strict=True)), **st.summary()}
                             for n, st in self.tensors.items()}}
 
@@ -99,33 +102,44 @@ def compare(a: Checkpoint, b: Checkpoint, chunk_bytes: int = 64 * 2**20) -> Pair
     if only_a or only_b:
         raise MismatchError(f"{a.source} and {b.source} hold different tensors (only in the first: "
                             f"{', '.join(only_a[:5]) or '-'}; only in the second: {', '.join(only_b[:5]) or '-'})")
-    work = []  # (name, slot in a, slot in b, start, stop)
+    work = []  # (name, slot in a, slot in b, start, stop, shift of a's elements)
+    rows = resized(a, b, [n for n in a.tensors if n in b.tensors])
+    row_map_ = row_map(a, b, *next(iter(rows.values())), tensors=list(rows)) if len(set(rows.values())) == 1 else None
     for name, ta in a.tensors.items():
         if name not in b.tensors:
             continue  # a tie (checked above)
         tb = b.tensors[name]
+        if row_map_ and name in rows and ta.dtype in dtypes.FLOATS and tb.dtype in dtypes.FLOATS:
+            # a resized vocabulary: the rows that mean the same token on both sides, the others left out
+            row = math.prod(tb.shape[1:])
+            step = max(1, chunk_bytes // max(dtypes.itemsize(ta.dtype), dtypes.itemsize(tb.dtype)))
+            work += [(name, ta, tb, start, min(start + step, r1 * row), (s0 - r0) * row)
+                     for r0, r1, s0 in row_map_.segments if s0 is not None
+                     for start in range(r0 * row, r1 * row, step)]
+            continue
         if ta.shape != tb.shape:
             raise MismatchError(f"tensor '{name}' has shape {list(ta.shape)} in {a.source} but "
                                 f"{list(tb.shape)} in {b.source}")
         if ta.dtype not in dtypes.FLOATS or tb.dtype not in dtypes.FLOATS:
             continue
         step = max(1, chunk_bytes // max(dtypes.itemsize(ta.dtype), dtypes.itemsize(tb.dtype)))
-        work += [(name, ta, tb, start, min(start + step, ta.numel)) for start in range(0, ta.numel, step)]
+        work += [(name, ta, tb, start, min(start + step, ta.numel), 0) for start in range(0, ta.numel, step)]
         if ta.numel == 0:
-            work.append((name, ta, tb, 0, 0))
-    report = PairReport(a.source, b.source)
+            work.append((name, ta, tb, 0, 0, 0))
+    report = PairReport(a.source, b.source, vocab=row_map_.record(list(rows)) if row_map_ else None)
     inputs = Inputs([t.file for t in a.tensors.values()] + [t.file for t in b.tensors.values()], direct=direct_io())
     sets = [Buffers(chunk_bytes) for _ in range(2)]
     scratch = None
 
     def read(k: int):
-        _, ta, tb, start, stop = work[k]
+        _, ta, tb, start, stop, shift = work[k]
         bufs = sets[k % 2]
-        return inputs.read_bytes(bufs.sft, ta, start, stop), inputs.read_bytes(bufs.aligned, tb, start, stop)
+        return (inputs.read_bytes(bufs.sft, ta, start + shift, stop + shift),
+                inputs.read_bytes(bufs.aligned, tb, start, stop))
 
     try:
         with read_ahead(len(work), read) as chunks:
-            for (name, ta, tb, _, _), (x, y) in zip(work, chunks, strict=True):
+            for (name, ta, tb, *_), (x, y) in zip(work, chunks, strict=True):
                 st = kernels.diff_stats_bytes(x, ta.dtype, y, tb.dtype)
                 if st is None:
                     import torch
@@ -182,6 +196,11 @@ def table(report: PairReport) -> str:
     rows += [(f"layer {k}", v) for k, v in agg["by_layer"].items()]
     head = f"{'':<14}" + "".join(f"{c:>13}" for c in ["n", *COLUMNS])
     lines = [f"{report.a}  ->  {report.b}", head]
+    if report.vocab:
+        v = report.vocab
+        lines.insert(1, f"vocabulary resized ({v['sft_rows']} -> {v['aligned_rows']} rows, matched {v['matched']}): "
+                        f"{', '.join(v['tensors'])} compared on the {v['rows_extrapolated']} shared row(s); "
+                        f"{v['rows_copied']} row(s) only in the second are left out")
     for label, s in rows:
         lines.append(f"{label:<14}{s['n']:>13,}" + "".join(f"{s[c]:>13.4e}" for c in COLUMNS))
     return "\n".join(lines)

@@ -15,10 +15,11 @@ from huggingface_hub import split_state_dict_into_shards_factory
 
 from . import dtypes
 from .errors import MismatchError, OptionError
-from .naming import classify, dropped_names, listing, shared_names
+from .naming import dropped_names, listing, shared_names
 from .rules import as_rules, resolve
 from .sources import Checkpoint, TensorSlot
-from .vocab import RowMap, row_map, vocab_size
+from .vocab import RowMap, row_map
+from .vocab import resized as vocab_resized
 
 SHARD_PATTERN = "model{suffix}.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -274,13 +275,11 @@ def make_plan(
     # Output order follows the aligned checkpoint's files, so its reads stay sequential.
     drop = tuple(drop or ())
     dropped = tuple(dropped_names(sft, aligned, drop))
-    drafts, shapes, kinds, resized = {}, [], [], {}
-    vocabs = (vocab_size(sft.path), vocab_size(aligned.path))
-    for name in shared_names(sft, aligned, drop):
+    drafts, shapes, kinds = {}, [], []
+    names = shared_names(sft, aligned, drop)
+    resized = vocab_resized(sft, aligned, names)  # a resized vocabulary, if all such tensors agree
+    for name in names:
         s, a = sft.tensors[name], aligned.tensors[name]
-        if (s.shape != a.shape and len(s.shape) == len(a.shape) >= 1 and s.shape[1:] == a.shape[1:]
-                and (classify(name)[1] in ("embed", "head") or (s.shape[0], a.shape[0]) == vocabs)):
-            resized[name] = (s.shape[0], a.shape[0])  # a resized vocabulary, if all such tensors agree
         if s.shape != a.shape and name not in resized:
             shapes.append(f"{name} {list(s.shape)} vs {list(a.shape)}")
         elif (action := _action(s, a, out_float)) is None:

@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass
 
 from .errors import MismatchError, OptionError
+from .naming import classify
 from .sources import Checkpoint
 
 MODES = ("auto", "aligned-extends-sft")
@@ -49,6 +50,20 @@ class RowMap:
                 "rows_extrapolated": self.extrapolated, "rows_copied": self.copied, "rows_moved": self.moved,
                 "tensors": tensors, "segments": [list(s) for s in self.segments],
                 "note": "rows of these tensors that exist only in the aligned model are copied from it (alpha 0)"}
+
+
+def resized(sft: Checkpoint, aligned: Checkpoint, names) -> dict[str, tuple[int, int]]:
+    """{name: (SFT rows, aligned rows)} of the tensors among `names` whose first dimension differs and nothing
+    else, and that are vocabulary-like: an embedding or a head by name, or with the two configs' vocab_size as
+    rows. A resized vocabulary when all of them agree on the two row counts."""
+    vocabs = (vocab_size(sft.path), vocab_size(aligned.path))
+    out = {}
+    for name in names:
+        s, a = sft.tensors[name].shape, aligned.tensors[name].shape
+        if (s != a and len(s) == len(a) >= 1 and s[1:] == a[1:]
+                and (classify(name)[1] in ("embed", "head") or (s[0], a[0]) == vocabs)):
+            out[name] = (s[0], a[0])
+    return out
 
 
 def vocab_size(folder: str) -> int | None:

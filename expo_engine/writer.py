@@ -468,7 +468,7 @@ computed in float32 and rounded once to {", ".join(p['dtypes'])}.
 
 - SFT model: {side(p['sft'])}
 - aligned model: {side(p['aligned'])}
-- alpha: {p['alpha']}{_card_rules(p)}
+- alpha: {p['alpha']}{_card_rules(p)}{_card_inputs(p)}
 
 Config, generation config and tokenizer come from the aligned model. `expo.json` records the inputs and a sha256
 checksum of every file.
@@ -481,6 +481,22 @@ def _card_rules(p: dict) -> str:
         return ""
     return ("\n- alpha rules (first match wins; the alpha of every tensor that differs from the base alpha is in "
             "`expo.json`, `alpha_by_tensor`):\n" + "".join(f"  - `{r}`\n" for r in p["alpha_rules"])).rstrip("\n")
+
+
+def _card_inputs(p: dict) -> str:
+    """A resized vocabulary and tensors left out on purpose, when there were any."""
+    lines = []
+    v = p.get("vocab")
+    if v:
+        lines.append(f"- vocabulary: {v['aligned_rows']} rows in the aligned model, {v['sft_rows']} in the SFT one "
+                     f"(matched {v['matched']}): in {', '.join(f'`{t}`' for t in v['tensors'])}, "
+                     f"{v['rows_extrapolated']} rows extrapolated and {v['rows_copied']} copied from the aligned "
+                     "model (`expo.json`, `vocab`)")
+    d = p.get("dropped")
+    if d:
+        lines.append(f"- left out on purpose (`--drop {' '.join(d['patterns'])}`): "
+                     + ", ".join(f"`{t}`" for t in d["tensors"]))
+    return "".join("\n" + line for line in lines)
 
 
 def write_error(e: OSError, path: str) -> OutputError:

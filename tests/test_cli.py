@@ -84,7 +84,7 @@ def test_plain_progress_log_waits_one_interval_then_shows_done_rate_and_eta(monk
     monkeypatch.setattr(cli, "time", clock)
     stream = io.StringIO()
     progress = cli.Progress(stream)
-    plan = SimpleNamespace(total_size=4_000_000, tensors=[1, 2], shards=["a"], chunks=[1, 2, 3, 4])
+    plan = SimpleNamespace(total_size=4_000_000, tensors=[1, 2], shards=["a"], chunks=[1, 2, 3, 4], vocab=None, drop=())
     progress.start(plan)
     assert stream.getvalue() == "planned 2 tensors, 1 shard(s), 4.00 MB to write in 4 chunks\n"
     clock.now = 101.0

@@ -159,3 +159,23 @@ def test_resized_vocabulary_on_the_cuda_path(tmp_path):
     cpu, _, _ = run_collect(sft, aligned, 0.5, 3000, run_chunks)
     dev, _, _ = run_collect(sft, aligned, 0.5, 3000, gpu.run_chunks_cuda, device="cpu", kernel="torch")
     assert all(torch.equal(cpu[n], dev[n]) for n in cpu)
+
+
+def test_norms_of_a_resized_pair_compare_the_shared_rows(tmp_path):
+    """`expo norms SFT ALIGNED` on a resized pair: the vocabulary tensors are compared on the rows that mean the
+    same token (here with two tokens at each other's ids), the aligned model's own rows left out, and it says so."""
+    from expo_engine import parameter_norms
+    from expo_engine.norms import reference_stats, table
+
+    sft, aligned, sft_state, aligned_state = _resized_pair(tmp_path, swap=True)
+    (report,) = parameter_norms([sft, aligned])
+    assert report.vocab["rows_extrapolated"] == 128 and report.vocab["rows_moved"] == 2
+    order = list(range(128))
+    order[10], order[11] = 11, 10
+    for name in ROWS:
+        got = report.tensors[name].summary()
+        want = reference_stats(sft_state[name][order], aligned_state[name][:128])
+        assert got["n"] == 128 * 32
+        for key in ("fro", "relative", "max_abs"):
+            assert got[key] == pytest.approx(want[key], rel=1e-12), (name, key)
+    assert "compared on the 128 shared row(s); 8 row(s) only in the second are left out" in table(report)
