@@ -5,7 +5,7 @@
 
 __version__ = "0.1.0"
 
-from .api import Summary, SweepSummary, extrapolate, extrapolate_sweep  # noqa: E402
+from .api import Summary, SweepSummary, extrapolate, extrapolate_sweep, scale_adapter  # noqa: E402
 from .errors import (  # noqa: E402
     ExpoError,
     FormatError,
@@ -41,6 +41,7 @@ __all__ = [
     "extrapolate_sweep",
     "make_plan",
     "parameter_norms",
+    "scale_adapter",
     "open_checkpoint",
     "search",
     "verify",

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from . import __version__, dtypes
+from .adapters import Adapter, is_adapter, open_adapter, run_lora_chunks
 from .errors import Interrupted, NonFiniteError, OptionError
 from .executor import check_copies, execute_sweep, kept_units, scan_nonfinite
 from .kernels import Stats, native_kernel
@@ -222,6 +223,58 @@ def extrapolate_sweep(
     )
 
 
+def scale_adapter(sft: str, aligned: str, alpha: float, out: str, *, overwrite: bool = False) -> dict:
+    """`expo extrapolate --as-adapter`: from a LoRA adapter trained on `sft`, a PEFT adapter in `out` whose effect
+    is exactly (1 + alpha) times the original's, loadable with `peft.PeftModel.from_pretrained(sft_model, out)`:
+    `lora_alpha` (and `alpha_pattern`) times (1 + alpha) in adapter_config.json, A and B byte for byte, modules the
+    adapter saved whole extrapolated (float32, one rounding). A few MB instead of a full model. The folder appears
+    by rename, complete, with an `expo.json` recording the inputs and the factor. Returns that record."""
+    import json
+    import shutil
+    import tempfile
+
+    from .adapters import write_scaled_adapter
+
+    alpha = check_alpha(alpha)
+    sft_ck = open_checkpoint(sft)
+    if not is_adapter(aligned):
+        raise OptionError(f"--as-adapter needs a LoRA adapter folder as --aligned; {aligned} has no "
+                          "adapter_config.json")
+    adapter = open_adapter(aligned, sft_ck)
+    out_abs = check_output_path(out, [sft_ck.path, adapter.path], overwrite)
+    with OutputLock(out_abs) as lock:
+        check_target(lock.out, overwrite)
+        stage = tempfile.mkdtemp(prefix=f".{os.path.basename(out_abs)}.expo-adapter-", dir=os.path.dirname(out_abs))
+        try:
+            files = write_scaled_adapter(adapter, sft_ck, alpha, stage)
+            for name in os.listdir(adapter.path):  # the adapter's own tokenizer files, if any
+                if name.startswith(("tokenizer", "special_tokens_map", "added_tokens", "chat_template")):
+                    shutil.copy2(os.path.join(adapter.path, name), stage)
+            record = {"engine": "expo_engine", "engine_version": __version__, "formula": FORMULA, "alpha": alpha,
+                      "adapter": {"source": aligned, "path": adapter.path, "lora_alpha_factor": 1 + alpha,
+                                  "note": "effect (1 + alpha) x the original's: lora_alpha and alpha_pattern scaled; "
+                                          "A and B unchanged; modules_to_save extrapolated"},
+                      "sft": {"source": sft_ck.source, "path": sft_ck.path, "revision": sft_ck.revision},
+                      "files": sorted(files)}
+            with open(os.path.join(stage, "expo.json"), "w") as f:
+                json.dump(record, f, indent=2)
+            for name in os.listdir(stage):
+                fd = os.open(os.path.join(stage, name), os.O_RDONLY)
+                os.fsync(fd)
+                os.close(fd)
+            old = None
+            if os.path.lexists(out_abs):
+                old = out_abs + ".expo-old-adapter"
+                os.rename(out_abs, old)
+            os.rename(stage, out_abs)
+            if old:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+    return record
+
+
 @dataclass(frozen=True)
 class Job:
     """A checked and planned extrapolation, nothing written yet: what :func:`prepare` returns."""
@@ -233,6 +286,7 @@ class Job:
     side: dict[str, bytes]  # config, tokenizer and other files copied from the aligned model
     sweep: bool
     overwrite: bool = False
+    adapter: Adapter | None = None  # the aligned side is a LoRA adapter on top of the SFT model
 
 
 def prepare(sft: str, aligned: str, alpha, out: str, *, sweep: bool = False, alpha_rules=None,
@@ -242,14 +296,21 @@ def prepare(sft: str, aligned: str, alpha, out: str, *, sweep: bool = False, alp
     `expo extrapolate --dry-run` shows. `alpha` is one alpha, or with `sweep` a list of them."""
     alphas = check_alphas(alpha) if sweep else (check_alpha(alpha),)
     rules = as_rules(alpha_rules)
-    sft_ck, aligned_ck = open_checkpoint(sft), open_checkpoint(aligned)
+    sft_ck = open_checkpoint(sft)
+    adapter = open_adapter(aligned, sft_ck) if is_adapter(aligned) else None
+    if adapter and sweep:
+        raise OptionError("an adapter as the aligned side runs one alpha at a time (no sweeps yet)")
+    aligned_ck = adapter.aligned if adapter else open_checkpoint(aligned)
     targets = [os.path.join(out, sweep_folder(a)) for a in alphas] if sweep else [out]
     outs = tuple(check_output_path(t, [sft_ck.path, aligned_ck.path], overwrite) for t in targets)
     plans = tuple(make_plan(sft_ck, aligned_ck, a, dtype=dtype, max_shard_size=max_shard_size,
                             chunk_bytes=chunk_bytes, rules=rules, drop=drop, vocab=vocab) for a in alphas)
     check_copies(plans[0])
-    side = side_files(aligned_ck, dtypes.CONFIG_NAMES[dtypes.CLI_NAMES[dtype.lower()]] if dtype else None)
-    return Job(plans, outs, sft_ck, aligned_ck, side, sweep, overwrite)
+    config_dtype = dtypes.CONFIG_NAMES[dtypes.CLI_NAMES[dtype.lower()]] if dtype else None
+    side = side_files(aligned_ck, config_dtype)
+    if adapter:  # the SFT model's config and tokenizer, with the tokenizer files the adapter folder has
+        side = side_files(sft_ck, config_dtype) | {k: v for k, v in side.items() if k != "config.json"}
+    return Job(plans, outs, sft_ck, aligned_ck, side, sweep, overwrite, adapter)
 
 
 @dataclass(frozen=True)
@@ -291,8 +352,15 @@ def _execute(job: Job, started: float, o: RunOptions) -> list[Summary]:
                 say(note)
         plans = job.plans
         plan = plans[0]
-        kind, why = choose_executor(o.executor, plan, o.workers, o.ray_address, sweep=len(plans) if job.sweep else 0)
-        dev, device_name = choose_device(o.device, kind, len(plans))
+        if job.adapter:  # merged from a LoRA adapter: in this process, on the CPU
+            if o.executor == "ray" or o.workers or o.ray_address:
+                raise OptionError("an adapter as the aligned side runs in this process (not on Ray yet)")
+            kind, why = "local", "a LoRA adapter merged in this process: B @ A a row block at a time"
+            dev, device_name = None, "cpu"
+        else:
+            kind, why = choose_executor(o.executor, plan, o.workers, o.ray_address,
+                                        sweep=len(plans) if job.sweep else 0)
+            dev, device_name = choose_device(o.device, kind, len(plans))
         if device_name != "cpu":
             why += f"; arithmetic on {device_name}"
         budget = parse_size(o.max_memory) if o.max_memory is not None else None
@@ -317,14 +385,15 @@ def _execute(job: Job, started: float, o: RunOptions) -> list[Summary]:
             founds, stagings = [found], [staging]
         else:
             t = time.monotonic()
-            key = f"local {device_name}"
+            key = f"local {device_name}" + (" lora" if job.adapter else "")
             stagings = [stack.enter_context(Staging(out, p, lock, journal_key(p, units, stats, key)))
                         for out, p, lock in zip(job.outs, plans, locks, strict=True)]
             for staging in stagings:
                 if staging.note:
                     say(staging.note)
             try:
-                done = execute_sweep(list(plans), stagings, units, on_progress, stats=stats, run=_on(dev))
+                run = functools.partial(run_lora_chunks, adapter=job.adapter) if job.adapter else _on(dev)
+                done = execute_sweep(list(plans), stagings, units, on_progress, stats=stats, run=run)
             except KeyboardInterrupt:
                 for staging in stagings:
                     staging.keep = True

@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
                         "chunks (in this process only: not with --executor ray)")
     x.add_argument("--out", required=True, metavar="DIR", help="output folder (appears only when complete); for a "
                                                                "sweep, the parent folder of the per-alpha folders")
+    x.add_argument("--as-adapter", action="store_true",
+                   help="with a LoRA adapter as --aligned: write a PEFT adapter whose effect is (1 + alpha) times "
+                        "the original's (a few MB) instead of the merged model")
     x.add_argument("--vocab", default="auto", choices=("auto", "aligned-extends-sft"),
                    help="when the aligned model has more vocabulary rows: match them by the two tokenizers (auto, "
                         "default), or take its first rows as the SFT model's (aligned-extends-sft)")
@@ -238,6 +241,16 @@ def _run_extrapolate(args) -> int:
     rules = [parse_rule(r) for r in args.alpha_rule] + (load_rules(args.alpha_rules) if args.alpha_rules else [])
     sweep = isinstance(args.alpha, tuple)
     chunk_bytes = max(1, int(args.chunk_mb * 2**20))
+    if args.as_adapter:
+        from .api import scale_adapter
+
+        if sweep or args.dry_run:
+            raise OptionError("--as-adapter writes one adapter for one alpha (no sweeps or --dry-run)")
+        rec = scale_adapter(args.sft, args.aligned, args.alpha, args.out, overwrite=args.overwrite)
+        print(f"wrote {os.path.abspath(args.out)}: a LoRA adapter with (1 + {args.alpha:g}) = "
+              f"{rec['adapter']['lora_alpha_factor']:g} x the effect of {args.aligned} ({', '.join(rec['files'])}); "
+              "load it with peft.PeftModel.from_pretrained on the SFT model")
+        return 0
     if sweep and (args.workers or args.ray_address):
         raise OptionError("alpha sweeps run in this process only (the Ray executor does not run them yet); drop "
                           "--workers and --ray-address, or run one alpha at a time on Ray")

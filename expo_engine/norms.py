@@ -93,7 +93,7 @@ class PairReport:
                             for n, st in self.tensors.items()}}
 
 
-def compare(a: Checkpoint, b: Checkpoint, chunk_bytes: int = 64 * 2**20) -> PairReport:
+def compare(a: Checkpoint, b: Checkpoint, chunk_bytes: int = 64 * 2**20, skip=frozenset()) -> PairReport:
     """Stream both checkpoints once and return per-tensor stats of b - a (float tensors; others are skipped).
 
     One thread reads the next chunk (O_DIRECT where allowed) while this one computes; the compiled kernel sums in
@@ -106,8 +106,8 @@ def compare(a: Checkpoint, b: Checkpoint, chunk_bytes: int = 64 * 2**20) -> Pair
     rows = resized(a, b, [n for n in a.tensors if n in b.tensors])
     row_map_ = row_map(a, b, *next(iter(rows.values())), tensors=list(rows)) if len(set(rows.values())) == 1 else None
     for name, ta in a.tensors.items():
-        if name not in b.tensors:
-            continue  # a tie (checked above)
+        if name not in b.tensors or name in skip:
+            continue  # a tie (checked above), or a tensor the caller computes itself
         tb = b.tensors[name]
         if row_map_ and name in rows and ta.dtype in dtypes.FLOATS and tb.dtype in dtypes.FLOATS:
             # a resized vocabulary: the rows that mean the same token on both sides, the others left out
@@ -179,7 +179,20 @@ def from_output(path: str) -> list[PairReport]:
 
 
 def parameter_norms(sources: list[str], chunk_bytes: int = 64 * 2**20) -> list[PairReport]:
-    """Every pair (i < j) of the given checkpoints, as in the paper's Table 1."""
+    """Every pair (i < j) of the given checkpoints, as in the paper's Table 1. A LoRA adapter may be one of two
+    sources, the other its base: the change is then s B A (modules it saved whole: their change)."""
+    from .adapters import change_stats, is_adapter, open_adapter
+
+    adapters = [k for k, s in enumerate(sources) if is_adapter(s)]
+    if adapters:
+        if len(sources) != 2 or len(adapters) != 1:
+            raise OptionError("a LoRA adapter is compared with its base model alone: expo norms BASE ADAPTER")
+        base = open_checkpoint(sources[1 - adapters[0]])
+        adapter = open_adapter(sources[adapters[0]], base)
+        report = compare(base, adapter.aligned, chunk_bytes, skip=set(adapter.loras))
+        report.tensors.update(change_stats(adapter, base, chunk_bytes))
+        report.tensors = {n: report.tensors[n] for n in base.tensors if n in report.tensors}  # the model's order
+        return [report]
     cks = [open_checkpoint(s) for s in sources]
     return [compare(cks[i], cks[j], chunk_bytes) for i in range(len(cks)) for j in range(i + 1, len(cks))]
 
