@@ -35,7 +35,7 @@ from .sources import Checkpoint, TensorSlot, read_safetensors_layout
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
 # options that change what the adapter adds beyond s * B @ A, which this engine does not compute
-UNSUPPORTED = {"use_dora": "DoRA (use_dora) rescales the merged weight's columns", "lora_bias": "LoRA biases",
+UNSUPPORTED = {"use_dora": "DoRA (use_dora)", "lora_bias": "LoRA biases (lora_bias)",
                "layer_replication": "layer replication", "trainable_token_indices": "trainable token indices",
                "target_parameters": "LoRA on parameters (target_parameters)", "use_qalora": "QA-LoRA",
                "use_bdlora": "BD-LoRA"}
