@@ -448,6 +448,17 @@ static int check_overlap(Py_buffer *out, int ocode, Py_buffer *in, int icode, co
     return -1;
 }
 
+/* out, sft and aligned with their dtype names: the codes and the common element count n; -1 with ValueError set. */
+static int check_triple(Py_buffer *out, const char *od, Py_buffer *sft, const char *sd, Py_buffer *aligned,
+                        const char *ad, int codes[3], int64_t *n) {
+    static const char *names[3] = {"out", "sft", "aligned"};
+    const char *dts[3] = {od, sd, ad};
+    Py_buffer *bufs[3] = {out, sft, aligned};
+    for (int k = 0; k < 3; k++)
+        if ((codes[k] = code_of(dts[k])) < 0) return -1;
+    return check_lengths(n, 3, bufs, codes, names);
+}
+
 PyDoc_STRVAR(extrapolate_doc,
 "extrapolate(out, out_dtype, sft, sft_dtype, aligned, aligned_dtype, coeff, from_sft, keep, stats, generic=False)\n"
 "-> (sums, flags)\n\n"
@@ -464,12 +475,10 @@ static PyObject *py_extrapolate(PyObject *self, PyObject *args) {
                           &from_sft, &keep, &stats, &generic))
         return NULL;
     PyObject *result = NULL;
-    int codes[3] = {code_of(od), 0, 0};
-    if (codes[0] < 0 || (codes[1] = code_of(sd)) < 0 || (codes[2] = code_of(ad)) < 0) goto done;
-    Py_buffer *bufs[3] = {&out, &sft, &aligned};
-    const char *names[3] = {"out", "sft", "aligned"};
+    int codes[3];
     int64_t n;
-    if (check_lengths(&n, 3, bufs, codes, names) || check_overlap(&out, codes[0], &sft, codes[1], "sft") ||
+    if (check_triple(&out, od, &sft, sd, &aligned, ad, codes, &n) ||
+        check_overlap(&out, codes[0], &sft, codes[1], "sft") ||
         check_overlap(&out, codes[0], &aligned, codes[2], "aligned"))
         goto done;
     double res[7] = {0};
@@ -533,12 +542,9 @@ static PyObject *py_error_steps(PyObject *self, PyObject *args) {
     double alpha;
     if (!PyArg_ParseTuple(args, "y*sy*sy*sd:error_steps", &out, &od, &sft, &sd, &aligned, &ad, &alpha)) return NULL;
     PyObject *result = NULL;
-    int codes[3] = {code_of(od), 0, 0};
-    if (codes[0] < 0 || (codes[1] = code_of(sd)) < 0 || (codes[2] = code_of(ad)) < 0) goto done;
-    Py_buffer *bufs[3] = {&out, &sft, &aligned};
-    const char *names[3] = {"out", "sft", "aligned"};
+    int codes[3];
     int64_t n;
-    if (check_lengths(&n, 3, bufs, codes, names)) goto done;
+    if (check_triple(&out, od, &sft, sd, &aligned, ad, codes, &n)) goto done;
     double res[2] = {0};
     Py_BEGIN_ALLOW_THREADS
     error_steps(out.buf, codes[0], sft.buf, codes[1], aligned.buf, codes[2], n, alpha, res);
