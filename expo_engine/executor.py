@@ -349,8 +349,8 @@ def _pipeline(plans, chunks, inputs, writes, stats, founds, sets):
             ts = [p.tensors[c.tensor] for p in plans]
             # Every output from the same input buffers; only the last may overwrite the aligned one, after the
             # others have read it.
-            return ts, [_compute(t, chunk_alpha(t, c), s, a, bufs.outs[j], j == last, founds[j], stats, pool)
-                        for j, t in enumerate(ts)]
+            return ts, [_compute(t, chunk_alpha(t, c), s, a, bufs.outs[j], j == last, founds[j], stats, pool,
+                                 c.sft_span is not None) for j, t in enumerate(ts)]
 
         ring(len(chunks),
              read=lambda k: _read(inputs, plan.tensors[chunks[k].tensor], chunks[k], sets[k % DEPTH]),
@@ -373,10 +373,12 @@ def _read(inputs: Inputs, t: TensorPlan, c: Chunk, bufs: Buffers):
 
 
 def _compute(t: TensorPlan, alpha: float, s: np.ndarray | None, a: np.ndarray, out_buf: np.ndarray, in_place: bool,
-             found: dict, stats: bool, pool: ThreadPoolExecutor) -> tuple[np.ndarray, tuple | None]:
+             found: dict, stats: bool, pool: ThreadPoolExecutor, shared: bool = True
+             ) -> tuple[np.ndarray, tuple | None]:
     """One output of one chunk (uint8 arrays of its elements), with the tensor's alpha: over the aligned buffer
     when `in_place` allows and the dtypes agree, else into `out_buf`. Adds the chunk's statistics to `found` and
-    returns them too ((delta, update) of this chunk; None for a copy)."""
+    returns them too ((delta, update) of this chunk; None for a copy). `shared`: False for vocabulary rows only the
+    aligned model has, whose change aligned - sft does not exist (it is left out of the statistics)."""
     if t.action == "copy":
         return a, None
     so, ss, sa = (dtypes.itemsize(d) for d in (t.dtype, t.sft.dtype, t.aligned.dtype))
@@ -391,5 +393,7 @@ def _compute(t: TensorPlan, alpha: float, s: np.ndarray | None, a: np.ndarray, o
     for p in parts:
         kernels.add_stats(piece, t.name, *p.result())
     delta, update = piece.get(t.name) or (kernels.Stats(), kernels.Stats())
+    if not shared:  # vocabulary rows only the aligned model has: no SFT value, so no change to count
+        delta = kernels.Stats()
     kernels.add_stats(found, t.name, replace(delta), replace(update))
     return out, (delta, update)

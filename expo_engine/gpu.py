@@ -351,6 +351,8 @@ def _pipeline(plan, chunks, inputs, write, stats, kernel, found, hosts, devs, st
             delta, update = kernels.Sums(*sums.tolist()).stats(c.stop - c.start)
             if not stats:  # as run_chunks: only the count, and whether the output may hold NaN or Inf
                 delta, update = kernels.Stats(delta.n), kernels.Stats(update.n, finite=update.finite)
+            if c.sft_span is None:  # as run_chunks: aligned-only vocabulary rows have no change to count
+                delta = kernels.Stats()
             chunk_stats = (delta, update)
             kernels.add_stats(found, t.name, dataclasses.replace(delta), dataclasses.replace(update))
         write(t, c, memoryview(out.view(torch.uint8).numpy()), chunk_stats)

@@ -98,7 +98,11 @@ def test_resized_vocabulary_rows_extrapolated_and_copied(tmp_path, capsys, swap)
     shared = {n: t for n, t in got.items() if n not in ROWS}
     assert worst_steps(shared, sft_state, aligned_state, 0.5) <= 1
     with open(os.path.join(out, "expo.json")) as f:
-        rec = json.load(f)["vocab"]
+        prov = json.load(f)
+    rec = prov["vocab"]
+    for name in ROWS:  # the change aligned - sft is counted on the shared rows only, the update on all of them
+        assert prov["stats"]["delta"]["tensors"][name]["n"] == 128 * 32
+        assert prov["stats"]["update"]["tensors"][name]["n"] == 136 * 32
     assert rec["sft_rows"] == 128 and rec["aligned_rows"] == 136 and rec["rows_copied"] == 8
     assert rec["rows_moved"] == (2 if swap else 0) and sorted(rec["tensors"]) == sorted(ROWS)
     # the output loads with the aligned tokenizer, and its logits are the exact model's
