@@ -15,6 +15,7 @@ alphas are paired.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,7 +86,9 @@ class TransformersBackend:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(aligned.path, dtype="auto").to(self.device).eval()
-        self.weights = LiveWeights(sft, aligned, self.model.state_dict(), chunk_bytes=chunk_bytes)
+        state = self.model.state_dict()
+        self.weights = LiveWeights(sft, aligned, state, chunk_bytes=chunk_bytes,
+                                   placement=transformers_placement(self.model, aligned, state))
 
     def load_weights(self, alpha: float) -> None:
         self.weights.update(alpha)
@@ -130,6 +133,61 @@ class TransformersBackend:
         text = self.tokenizer.decode(kept, skip_special_tokens=True)
         tokens = len(kept) + (end is not None)
         return Response(text, tokens, end is None and len(row) >= limit)
+
+
+def transformers_placement(model, aligned: Checkpoint, state: dict) -> dict[str, tuple[str, int]]:
+    """Where transformers' own loader puts each checkpoint tensor that does not keep its name: {checkpoint name:
+    (model tensor name, element offset)}. Taken from the library's conversion mapping for this model
+    (`get_model_conversion_mapping`, the one its loader and PEFT use): renamings, and converters that stack experts
+    (MergeModulelist(dim=0)) and then concatenate their projections (Concatenate(dim=1)), as MoE models load. A
+    tensor under any other transform is left out, and LiveWeights refuses it by name."""
+    import re
+    from collections import defaultdict
+
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
+    except ImportError:  # a transformers without conversions: names are kept
+        return {}
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    placed: dict[str, tuple[str, int]] = {}
+    groups: dict[str, list] = defaultdict(list)  # fused model tensor -> [(projection k, expert e, name, shape)]
+    for name, slot in aligned.tensors.items():
+        if name in state:
+            continue
+        key = name
+        for r in renamings:
+            key = r.rename_source_key(key)[0]
+        if key in state:
+            placed[name] = (key, 0)
+            continue
+        for c in converters:
+            target, pattern = c.rename_source_key(key)
+            if pattern is None:
+                continue
+            ops = list(c.operations)
+            stackable = (len(ops) in (1, 2) and isinstance(ops[0], MergeModulelist) and ops[0].dim == 0
+                         and (len(ops) == 1 or (isinstance(ops[1], Concatenate) and ops[1].dim == 1)))
+            m = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), key)
+            if stackable and m and len(slot.shape) >= 1:
+                groups[target].append((c.source_patterns.index(pattern), int(m.group(1)), name, slot.shape))
+            break
+    for target, parts in groups.items():
+        rows = {k: shape[0] for k, _, _, shape in parts}
+        inner = parts[0][3][1:]
+        experts = {e for _, e, _, _ in parts}
+        total = sum(rows.values())
+        param = state.get(target)
+        if (param is None or tuple(param.shape) != (len(experts), total, *inner)
+                or len(parts) != len(experts) * len(rows) or any(shape[1:] != inner for *_, shape in parts)):
+            continue  # not the layout this placement knows: left to LiveWeights to refuse
+        start = {k: sum(rows[j] for j in rows if j < k) for k in rows}
+        cols = math.prod(inner)
+        for k, e, name, _ in parts:
+            placed[name] = (target, (e * total + start[k]) * cols)
+    return placed
 
 
 class _Penalties:

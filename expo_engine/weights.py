@@ -45,38 +45,41 @@ def _listing(names: list[str], what: str) -> str:
 
 
 class LiveWeights:
-    """The model tensors `tensors` (checkpoint name -> tensor, CPU or CUDA), set to theta(alpha) by `update`.
+    """The model tensors `tensors` (model name -> tensor, CPU or CUDA), set to theta(alpha) by `update`.
 
-    Checked once, before any byte is read: every checkpoint tensor has a model tensor of the same name, shape and
-    dtype (the output dtype `expo extrapolate` would write: the aligned tensor's), and every model tensor that
-    is not an alias of another is covered. Raises MismatchError naming all that do not fit."""
+    A checkpoint tensor goes to the model tensor of its name, or where `placement` says ({checkpoint name: (model
+    name, element offset)}: a part of a fused tensor, as an inference library's loader stacks MoE experts).
+    Checked once, before any byte is read: every checkpoint tensor has its model tensor, of its shape (or room for
+    it) and dtype (the output dtype `expo extrapolate` would write: the aligned tensor's), and every model tensor
+    that is not an alias of another is wholly covered. Raises MismatchError naming all that do not fit."""
 
     def __init__(self, sft: str | Checkpoint, aligned: str | Checkpoint, tensors: dict[str, torch.Tensor],
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, placement: dict[str, tuple[str, int]] | None = None):
         self.sft = sft if isinstance(sft, Checkpoint) else open_checkpoint(sft)
         self.aligned = aligned if isinstance(aligned, Checkpoint) else open_checkpoint(aligned)
         self.chunk_bytes = chunk_bytes
         plan = _plan(self.sft, self.aligned, 0.0, chunk_bytes)
-        self.targets = _match(plan, tensors)
+        self.targets = _match(plan, tensors, placement or {})
         self.alpha: float | None = None
 
     def update(self, alpha: float) -> None:
         """Write theta(alpha) into the tensors, chunk by chunk. CUDA tensors receive each chunk with one copy."""
         plan = _plan(self.sft, self.aligned, alpha, self.chunk_bytes)
-        views = {name: _bytes_of(t) for name, t in self.targets.items()}
+        views = {name: (_bytes_of(m), offset) for name, (m, offset) in self.targets.items()}
 
         def write(t, c, data: memoryview, chunk_stats) -> None:
-            view = views.get(t.name)
+            view, offset = views.get(t.name, (None, 0))
             if view is None:  # an alias of a tensor written under its other name
                 return
             size = dtypes.itemsize(t.dtype)
             src = np.frombuffer(data, dtype=np.uint8)
+            lo, hi = (offset + c.start) * size, (offset + c.stop) * size
             if isinstance(view, np.ndarray):
-                view[c.start * size:c.stop * size] = src
+                view[lo:hi] = src
             else:
                 import torch
 
-                view[c.start * size:c.stop * size].copy_(torch.from_numpy(src))
+                view[lo:hi].copy_(torch.from_numpy(src))
 
         inputs = Inputs(input_paths(plan), direct=direct_io())
         try:
@@ -118,41 +121,55 @@ def _bytes_of(t: torch.Tensor):
     return flat.numpy() if flat.device.type == "cpu" else flat
 
 
-def _match(plan: Plan, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The model tensor each plan tensor goes to, aliases (tied weights: one storage under two names) once, under
+def _match(plan: Plan, tensors: dict[str, torch.Tensor],
+           placement: dict[str, tuple[str, int]]) -> dict[str, tuple[torch.Tensor, int]]:
+    """The model tensor and element offset each plan tensor goes to: the tensor of its own name, or where
+    `placement` puts it (a part of a fused tensor); aliases (tied weights: one storage under two names) once, under
     the first name the model lists. Raises MismatchError listing every misfit."""
     missing, wrong, misfit, targets, seen = [], [], set(), {}, {}
     for t in plan.tensors:
-        m = tensors.get(t.name)
+        key, offset = placement.get(t.name, (t.name, 0))
+        m = tensors.get(key)
         if m is None:
             missing.append(t.name)
             continue
         want = dtypes.TORCH[t.dtype]
-        if tuple(m.shape) != tuple(t.shape) or m.dtype != want or not m.is_contiguous():
-            wrong.append(f"{t.name} (checkpoint {list(t.shape)} {t.dtype}, model {list(m.shape)} "
+        fits = (tuple(m.shape) == tuple(t.shape) if key == t.name
+                else offset + t.numel <= m.numel())  # placed: a contiguous part of the fused tensor
+        if not fits or m.dtype != want or not m.is_contiguous():
+            where = f" {key}" if key != t.name else ""
+            wrong.append(f"{t.name} (checkpoint {list(t.shape)} {t.dtype}, model{where} {list(m.shape)} "
                          f"{dtypes.NAME.get(m.dtype, m.dtype)}{'' if m.is_contiguous() else ', not contiguous'})")
             misfit.add((m.device, m.data_ptr()))
             continue
-        targets[t.name] = m
+        targets[t.name] = (m, offset)
     order = {name: k for k, name in enumerate(tensors)}
-    for name in sorted(targets, key=order.__getitem__):
-        key = (targets[name].device, targets[name].data_ptr())
+    for name in sorted((n for n in targets if n in order), key=order.__getitem__):
+        m, offset = targets[name]
+        key = (m.device, m.data_ptr(), offset)
         if key in seen:
             del targets[name]  # the alias: its storage is written under the first name
         else:
             seen[key] = name
-    covered = {(m.device, m.data_ptr()) for m in targets.values()} | misfit
-    uncovered = [n for n, m in tensors.items() if m.is_floating_point() and (m.device, m.data_ptr()) not in covered]
+    written: dict[tuple, int] = {}
+    for (m, _), name in ((targets[n], n) for n in targets):
+        written[(m.device, m.data_ptr())] = written.get((m.device, m.data_ptr()), 0) + plan_numel(plan, name)
+    uncovered = [n for n, m in tensors.items() if m.is_floating_point() and (m.device, m.data_ptr()) not in misfit
+                 and written.get((m.device, m.data_ptr()), 0) < m.numel()]
     problems = []
     if missing:
         problems.append(_listing(missing, "checkpoint tensor(s) the model has no tensor for"))
     if wrong:
         problems.append(_listing(wrong, "tensor(s) of another shape or dtype in the model"))
     if uncovered:
-        problems.append(_listing(uncovered, "model tensor(s) the checkpoints do not hold"))
+        problems.append(_listing(uncovered, "model tensor(s) the checkpoints do not (wholly) hold"))
     if problems:
         raise MismatchError("the loaded model does not take the checkpoints' tensors as they are: "
                             + "; ".join(problems) + ". Load the aligned checkpoint itself with its own dtype "
-                            "(dtype=\"auto\"); an architecture whose loader renames or fuses weights needs "
-                            "`--backend vllm`")
+                            "(dtype=\"auto\"); an architecture whose loader transforms weights in ways other than "
+                            "renaming, stacking experts and concatenating needs `--backend vllm`")
     return targets
+
+
+def plan_numel(plan: Plan, name: str) -> int:
+    return next(t.numel for t in plan.tensors if t.name == name)

@@ -48,14 +48,25 @@ def _models():
                                                         vocab_size=128, max_position_embeddings=64))
     yield "gpt2", lambda: GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=128,
                                                      n_positions=64))
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    # an MoE model: transformers 5 loads its per-expert checkpoint tensors renamed, stacked and concatenated
+    yield "mixtral", lambda: MixtralForCausalLM(MixtralConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=128, num_local_experts=3, num_experts_per_tok=2, max_position_embeddings=64))
 
 
 @pytest.mark.parametrize("arch", [name for name, _ in _models()])
 def test_live_weights_equal_loading_the_extrapolated_checkpoint(arch, tmp_path):
     """After update(alpha) every tensor of the live model is bit-identical to what transformers loads from
     `expo extrapolate`'s output for that alpha: several architectures (tied and untied embeddings, biases,
-    GPT-2's Conv1D), both lerp branches, alpha = 0 and a negative alpha, in bf16 and fp32."""
+    GPT-2's Conv1D, Mixtral's experts that transformers' loader stacks and concatenates, placed where the
+    library's own conversion mapping puts them), both lerp branches, alpha = 0 and a negative alpha, in bf16 and
+    fp32."""
     from transformers import AutoModelForCausalLM
+
+    from expo_engine.generation import transformers_placement
+    from expo_engine.sources import open_checkpoint
 
     make = dict(_models())[arch]
     for dtype in (torch.bfloat16, torch.float32):
@@ -67,7 +78,10 @@ def test_live_weights_equal_loading_the_extrapolated_checkpoint(arch, tmp_path):
         sft_model.save_pretrained(sft)
         aligned_model.save_pretrained(aligned)
         live = AutoModelForCausalLM.from_pretrained(aligned, dtype="auto")
-        weights = LiveWeights(sft, aligned, live.state_dict(), chunk_bytes=700)  # many chunks per tensor
+        state = live.state_dict()
+        placement = transformers_placement(live, open_checkpoint(aligned), state)
+        assert bool(placement) == (arch == "mixtral")
+        weights = LiveWeights(sft, aligned, state, chunk_bytes=700, placement=placement)  # many chunks per tensor
         for alpha in (0.3, 2.5, 0.0, -0.5):
             weights.update(alpha)
             out = str(tmp_path / f"out-{dtype}-{alpha}")
