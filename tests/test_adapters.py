@@ -245,3 +245,31 @@ def test_gpt2_conv1d_adapter_fan_in_fan_out(tmp_path):
     ids = torch.tensor([[1, 5, 9, 33, 70, 127]])
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_killed_adapter_merge_resumes_byte_identical(tmp_path):
+    """The merged output from an adapter journals its units like any run: killed (SIGKILL) after its 5th chunk,
+    the same command resumes from the journal and the result is byte-identical to an uninterrupted run."""
+    import hashlib
+
+    from helpers import expo_process, leftovers
+
+    from expo_engine.writer import FAULT_KILL_AT
+
+    base_dir, ad_dir = _adapter(tmp_path, "mlp-rslora")
+    args = ["extrapolate", "--sft", base_dir, "--aligned", ad_dir, "--alpha", "0.5", "--chunk-mb", "0.002",
+            "--unit-mb", "0.004", "--out"]
+    killed = expo_process(*args, str(tmp_path / "out"), env={FAULT_KILL_AT: "chunk:4"})
+    assert killed.returncode == -9, killed.stderr
+    again = expo_process(*args, str(tmp_path / "out"))
+    assert again.returncode == 0, again.stderr
+    assert "resuming from" in again.stderr and "resumed:" in again.stdout
+    whole = expo_process(*args, str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+
+    def digest(folder):
+        with open(os.path.join(folder, "model.safetensors"), "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+
+    assert digest(tmp_path / "out") == digest(tmp_path / "whole")
+    assert not leftovers(str(tmp_path / "out"))
