@@ -281,6 +281,7 @@ def search(sft: str, aligned: str, prompts: str, report: str, *, reward_model: s
                 f"{time.monotonic() - t_score:.1f} s ({ev.seconds:.1f} s in all)")
         record = record or _record(evals, inputs, settings, key, grid, budget)
         _write_json(os.path.join(report, SEARCH_NAME), record)
+        del model, reward  # the model's memory goes back before the plot (matplotlib) and --write-best need theirs
         write_reports(report, record)
     if write_best:
         from .api import extrapolate
