@@ -30,6 +30,7 @@ from . import dtypes, kernels
 from .errors import FormatError, MismatchError, SourceError
 from .naming import listing
 from .plan import Plan
+from .reading import Inputs
 from .sources import Checkpoint, TensorSlot, read_safetensors_layout
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
@@ -146,22 +147,16 @@ def open_adapter(folder: str, sft: Checkpoint) -> Adapter:
     return Adapter(path, cfg, loras, saved, aligned)
 
 
-def _read_all(fd_cache: dict, slot: TensorSlot):
+def _read(inputs, slot: TensorSlot, r0: int = 0, r1: int | None = None):
+    """Rows [r0, r1) of a tensor (all of it by default) as float32, through the reading layer."""
     import numpy as np
-    import torch
 
-    fd = fd_cache.get(slot.file)
-    if fd is None:
-        fd = fd_cache[slot.file] = os.open(slot.file, os.O_RDONLY)
-    raw = bytearray(slot.nbytes)
-    view, got = memoryview(raw), 0
-    while got < slot.nbytes:
-        n = os.preadv(fd, [view[got:]], slot.offset + got)
-        if n <= 0:
-            raise FormatError(f"{slot.file}: shorter than its header says")
-        got += n
-    return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).copy()).view(dtypes.TORCH[slot.dtype]).view(
-        slot.shape).float()
+    rows = slot.shape[0] if slot.shape else 1
+    r1 = rows if r1 is None else r1
+    per_row = slot.numel // rows if rows else 0
+    buf = np.empty(max(1, (r1 - r0) * per_row * dtypes.itemsize(slot.dtype)), dtype=np.uint8)
+    flat = inputs.read_into(buf, slot, r0 * per_row, r1 * per_row)
+    return flat.view((r1 - r0, *slot.shape[1:]) if slot.shape else ()).float()
 
 
 def run_lora_chunks(plan: Plan, chunks, inputs, write: Callable, stats: bool = True, adapter: Adapter | None = None,
@@ -177,7 +172,7 @@ def run_lora_chunks(plan: Plan, chunks, inputs, write: Callable, stats: bool = T
 
     found: dict[str, tuple[kernels.Stats, kernels.Stats]] = {}
     sets = [Buffers(plan.chunk_bytes) for _ in range(DEPTH)]
-    fds: dict[str, int] = {}
+    factor_inputs = Inputs([os.path.join(adapter.path, WEIGHTS_NAME)])
     factors: dict[str, tuple] = {}  # the current tensor's (A, B): one at a time
 
     def read(k: int):
@@ -203,7 +198,7 @@ def run_lora_chunks(plan: Plan, chunks, inputs, write: Callable, stats: bool = T
         lora = adapter.loras[t.name]
         if t.name not in factors:
             factors.clear()
-            factors[t.name] = (_read_all(fds, lora.a), _read_all(fds, lora.b))
+            factors[t.name] = (_read(factor_inputs, lora.a), _read(factor_inputs, lora.b))
         fa, fb = factors[t.name]
         cols = t.shape[1]
         r0, r1 = c.start // cols, -(-c.stop // cols)
@@ -236,8 +231,7 @@ def run_lora_chunks(plan: Plan, chunks, inputs, write: Callable, stats: bool = T
     try:
         ring(len(chunks), read, compute, finish)
     finally:
-        for fd in fds.values():
-            os.close(fd)
+        factor_inputs.close()
     return found
 
 
@@ -253,21 +247,21 @@ def write_scaled_adapter(adapter: Adapter, sft: Checkpoint, alpha: float, folder
     cfg["lora_alpha"] = cfg.get("lora_alpha", 8) * factor
     if cfg.get("alpha_pattern"):
         cfg["alpha_pattern"] = {k: v * factor for k, v in cfg["alpha_pattern"].items()}
-    fds: dict[str, int] = {}
+    slots = read_safetensors_layout(os.path.join(adapter.path, WEIGHTS_NAME))
+    inputs = Inputs([os.path.join(adapter.path, WEIGHTS_NAME)] + [sft.tensors[n].file for n in adapter.saved])
     tensors = {}
     try:
-        for slot in read_safetensors_layout(os.path.join(adapter.path, WEIGHTS_NAME)):
-            value = _read_all(fds, slot).to(dtypes.TORCH[slot.dtype])
+        for slot in slots:
+            value = _read(inputs, slot).to(dtypes.TORCH[slot.dtype])
             bare = slot.name[len(PREFIX):] if slot.name.startswith(PREFIX) else slot.name
             if bare in adapter.saved and slot.dtype in dtypes.FLOATS:
-                s = _read_all(fds, sft.tensors[bare]).to(dtypes.TORCH[sft.tensors[bare].dtype])
+                s = _read(inputs, sft.tensors[bare]).to(dtypes.TORCH[sft.tensors[bare].dtype])
                 out = torch.empty_like(value)
                 kernels.extrapolate_chunk(out.view(-1), s.reshape(-1), value.reshape(-1), alpha)
                 value = out
             tensors[slot.name] = value.contiguous()
     finally:
-        for fd in fds.values():
-            os.close(fd)
+        inputs.close()
     save_file(tensors, os.path.join(folder, WEIGHTS_NAME), metadata={"format": "pt"})
     with open(os.path.join(folder, CONFIG_NAME), "w") as f:
         json.dump(cfg, f, indent=2)
@@ -280,18 +274,17 @@ def change_stats(adapter: Adapter, sft: Checkpoint, chunk_bytes: int) -> dict[st
     import torch
 
     out: dict[str, kernels.Stats] = {}
-    fds: dict[str, int] = {}
+    inputs = Inputs([os.path.join(adapter.path, WEIGHTS_NAME)] + [sft.tensors[n].file for n in adapter.loras])
     try:
         for name, lora in adapter.loras.items():
             slot = sft.tensors[name]
-            fa, fb = _read_all(fds, lora.a).double(), _read_all(fds, lora.b).double()  # a report: float64 throughout
+            fa, fb = _read(inputs, lora.a).double(), _read(inputs, lora.b).double()  # a report: float64 throughout
             rows, cols = slot.shape
             step = max(1, chunk_bytes // (cols * 8))
             st = kernels.Stats()
-            whole = _read_all(fds, slot) if slot.nbytes <= chunk_bytes else None
             for r0 in range(0, rows, step):
                 r1 = min(rows, r0 + step)
-                part = whole[r0:r1] if whole is not None else _read_rows(fds, slot, r0, r1)
+                part = _read(inputs, slot, r0, r1)
                 delta = ((fa[:, r0:r1].T @ fb.T) if lora.transposed else (fb[r0:r1] @ fa)) * lora.scale
                 base = part.double()
                 al = base + delta
@@ -300,14 +293,5 @@ def change_stats(adapter: Adapter, sft: Checkpoint, chunk_bytes: int) -> dict[st
                                      bool(torch.isfinite(al).all())))
             out[name] = st
     finally:
-        for fd in fds.values():
-            os.close(fd)
+        inputs.close()
     return out
-
-
-def _read_rows(fds: dict, slot: TensorSlot, r0: int, r1: int):
-    cols = slot.shape[1]
-    size = dtypes.itemsize(slot.dtype)
-    part = TensorSlot(slot.name, slot.dtype, (r1 - r0, cols), slot.file, slot.offset + r0 * cols * size,
-                      (r1 - r0) * cols * size)
-    return _read_all(fds, part)
