@@ -27,6 +27,7 @@ from .plan import Chunk, Plan, TensorPlan, Unit
 from .reading import DEPTH, Inputs, direct_io, hash_range, input_paths, pwrite_all
 from .writer import Staging
 
+STOP_WAIT = 300.0  # seconds an interrupted run on a joined cluster waits for its in-flight units
 FAULT_KILL = "EXPO_FAULT_KILL_UNIT"  # test switch: the worker running this unit index dies on its first attempt
 FAULT_STOP = "EXPO_FAULT_STOP_AFTER"  # test switch: the driver stops, as if interrupted, after this many units
 FAULT_DELAY = "EXPO_FAULT_DELAY_S"  # test switch: every task sleeps this long before computing
@@ -292,10 +293,12 @@ def execute_ray(plan: Plan, units: tuple[Unit, ...], staging: Staging, *, worker
                     if stop_after and finished >= stop_after and (todo or pending):
                         raise KeyboardInterrupt
         except KeyboardInterrupt:
-            if not started:  # a cluster we joined keeps running: stop our tasks there (ours is shut down below)
-                for ref in pending:  # force=True can race a finishing task and abort this process (Ray's own check)
-                    with contextlib.suppress(Exception):
-                        ray.cancel(ref)
+            if not started and pending:
+                # A cluster we joined keeps running: let our in-flight tasks (a few units) finish before we let go of
+                # the output. Not ray.cancel: cancelling a task as it finishes trips a check inside Ray 2.60 that
+                # aborts this process (seen in CI: "Tried to complete task that was not pending").
+                with contextlib.suppress(Exception):
+                    ray.wait(list(pending), num_returns=len(pending), timeout=STOP_WAIT)
             staging.keep = True
             raise Interrupted(f"interrupted; {len(staging.journal_done())} of {len(units)} units are kept in "
                               f"{staging.dir}; run the same command again to resume") from None
