@@ -25,6 +25,7 @@ import numpy as np
 from . import dtypes
 from .errors import MismatchError
 from .executor import check_copies, run_chunks
+from .naming import listing
 from .plan import DEFAULT_CHUNK_BYTES, Plan, make_plan
 from .reading import Inputs, direct_io, input_paths
 from .sources import Checkpoint, open_checkpoint
@@ -37,11 +38,6 @@ def _plan(sft: Checkpoint, aligned: Checkpoint, alpha: float, chunk_bytes: int) 
     plan = make_plan(sft, aligned, alpha, chunk_bytes=chunk_bytes)
     check_copies(plan)
     return plan
-
-
-def _listing(names: list[str], what: str) -> str:
-    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-    return f"{len(names)} {what} ({shown})"
 
 
 class LiveWeights:
@@ -151,25 +147,23 @@ def _match(plan: Plan, tensors: dict[str, torch.Tensor],
             del targets[name]  # the alias: its storage is written under the first name
         else:
             seen[key] = name
+    numel = {t.name: t.numel for t in plan.tensors}
     written: dict[tuple, int] = {}
-    for (m, _), name in ((targets[n], n) for n in targets):
-        written[(m.device, m.data_ptr())] = written.get((m.device, m.data_ptr()), 0) + plan_numel(plan, name)
+    for name, (m, _) in targets.items():
+        written[(m.device, m.data_ptr())] = written.get((m.device, m.data_ptr()), 0) + numel[name]
     uncovered = [n for n, m in tensors.items() if m.is_floating_point() and (m.device, m.data_ptr()) not in misfit
                  and written.get((m.device, m.data_ptr()), 0) < m.numel()]
     problems = []
     if missing:
-        problems.append(_listing(missing, "checkpoint tensor(s) the model has no tensor for"))
+        problems.append(f"{len(missing)} checkpoint tensor(s) the model has no tensor for ({listing(missing)})")
     if wrong:
-        problems.append(_listing(wrong, "tensor(s) of another shape or dtype in the model"))
+        problems.append(f"{len(wrong)} tensor(s) of another shape or dtype in the model ({listing(wrong)})")
     if uncovered:
-        problems.append(_listing(uncovered, "model tensor(s) the checkpoints do not (wholly) hold"))
+        problems.append(f"{len(uncovered)} model tensor(s) the checkpoints do not (wholly) hold "
+                        f"({listing(uncovered)})")
     if problems:
         raise MismatchError("the loaded model does not take the checkpoints' tensors as they are: "
                             + "; ".join(problems) + ". Load the aligned checkpoint itself with its own dtype "
                             "(dtype=\"auto\"); an architecture whose loader transforms weights in ways other than "
                             "renaming, stacking experts and concatenating needs `--backend vllm`")
     return targets
-
-
-def plan_numel(plan: Plan, name: str) -> int:
-    return next(t.numel for t in plan.tensors if t.name == name)

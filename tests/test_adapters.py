@@ -69,6 +69,21 @@ def _peft_scaled(base_dir, ad_dir, factor, dtype):
     return model
 
 
+IDS = torch.tensor([[1, 5, 9, 33, 70, 127]])
+
+
+def _merged_equals_peft(base_dir, ad_dir, out):
+    """Write the merged float32 output to `out`, check its logits equal PEFT's scaled merge; return it."""
+    from transformers import AutoModelForCausalLM
+
+    extrapolate(base_dir, ad_dir, ALPHA, out)
+    ours = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    theirs = _peft_scaled(base_dir, ad_dir, 1 + ALPHA, torch.float32).merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS).logits, theirs(IDS).logits, rtol=1e-5, atol=1e-5)
+    return ours
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_merged_output_is_exact(case, tmp_path):
     """Every element of the merged model is the float64 formula sft + (1 + alpha) s B A (saved modules:
@@ -112,15 +127,10 @@ def test_merged_logits_equal_peft_scaled_merge(case, tmp_path):
     from transformers import AutoModelForCausalLM
 
     base_dir, ad_dir = _adapter(tmp_path, case, torch.float32)
-    out = str(tmp_path / "out")
-    extrapolate(base_dir, ad_dir, ALPHA, out)
-    ours = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    theirs = _peft_scaled(base_dir, ad_dir, 1 + ALPHA, torch.float32).merge_and_unload()
-    ids = torch.tensor([[1, 5, 9, 33, 70, 127]])
+    ours = _merged_equals_peft(base_dir, ad_dir, str(tmp_path / "out"))
     with torch.no_grad():
-        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
         base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-        assert not torch.allclose(base(ids).logits, ours(ids).logits, atol=1e-3)  # the adapter did change it
+        assert not torch.allclose(base(IDS).logits, ours(IDS).logits, atol=1e-3)  # the adapter did change it
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -225,7 +235,7 @@ def test_gpt2_conv1d_adapter_fan_in_fan_out(tmp_path):
     """GPT-2's Conv1D stores weights as [in, out] (PEFT's fan_in_fan_out): the change is (B @ A)^T. The merged
     output's float32 logits equal PEFT's scaled merge."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     base = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=64))
@@ -238,13 +248,7 @@ def test_gpt2_conv1d_adapter_fan_in_fan_out(tmp_path):
             if "lora_B" in name:
                 p.normal_(0, 0.05)
     model.save_pretrained(ad_dir)
-    out = str(tmp_path / "out")
-    extrapolate(base_dir, ad_dir, ALPHA, out)
-    ours = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    theirs = _peft_scaled(base_dir, ad_dir, 1 + ALPHA, torch.float32).merge_and_unload()
-    ids = torch.tensor([[1, 5, 9, 33, 70, 127]])
-    with torch.no_grad():
-        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
+    _merged_equals_peft(base_dir, ad_dir, str(tmp_path / "out"))
 
 
 def test_a_killed_adapter_merge_resumes_byte_identical(tmp_path):
