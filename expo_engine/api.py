@@ -102,6 +102,7 @@ def extrapolate(
     allow_nonfinite: bool = False,
     alpha_rules=None,
     drop=None,
+    drop_shared: bool = False,
     vocab: str = "auto",
     device: str = "auto",
     provenance: dict | None = None,
@@ -138,12 +139,14 @@ def extrapolate(
     (cuda when this machine sees a GPU). Reading and writing stay on the host either way.
 
     `drop`: regexes (searched in tensor names) whose tensors are left out of the output on purpose, e.g. the value
-    head of an RLHF checkpoint (`v_head[.]`); recorded in expo.json (`dropped`).
+    head of an RLHF checkpoint (`v_head[.]`); recorded in expo.json (`dropped`). A pattern that matches a tensor both
+    checkpoints hold is refused (the output would lack a weight its model needs), unless `drop_shared`.
 
     `vocab`: when the aligned model's vocabulary was resized (its embeddings and head have more rows), which rows
     mean the same token: "auto" decides from the two tokenizers; "aligned-extends-sft" takes the first rows of the
     aligned model as the SFT model's without them. Shared rows are extrapolated, the aligned model's extra rows
-    copied; expo.json records which (`vocab`).
+    copied; expo.json records which (`vocab`). With "auto", two tokenizers that put the same tokens at other ids
+    are matched by token string at equal row counts too (a reordered vocabulary).
 
     `provenance`: more keys for expo.json (`expo search --write-best` records the search there).
 
@@ -151,7 +154,7 @@ def extrapolate(
     """
     started = time.monotonic()
     job = prepare(sft, aligned, alpha, out, alpha_rules=alpha_rules, dtype=dtype, max_shard_size=max_shard_size,
-                  chunk_bytes=chunk_bytes, overwrite=overwrite, drop=drop, vocab=vocab)
+                  chunk_bytes=chunk_bytes, overwrite=overwrite, drop=drop, vocab=vocab, drop_shared=drop_shared)
     options = RunOptions(stats, executor, workers, ray_address, max_memory, unit_bytes, allow_nonfinite, device,
                          (lambda plans: on_plan(plans[0])) if on_plan else None, on_executor, on_notice, on_progress,
                          provenance)
@@ -166,6 +169,7 @@ def extrapolate_sweep(
     *,
     alpha_rules=None,
     drop=None,
+    drop_shared: bool = False,
     vocab: str = "auto",
     dtype: str | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
@@ -203,7 +207,7 @@ def extrapolate_sweep(
     started = time.monotonic()
     job = prepare(sft, aligned, alphas, out, sweep=True, alpha_rules=alpha_rules, dtype=dtype,
                   max_shard_size=max_shard_size, chunk_bytes=chunk_bytes, overwrite=overwrite, drop=drop,
-                  vocab=vocab)
+                  vocab=vocab, drop_shared=drop_shared)
     parent = os.path.dirname(job.outs[0])
     # A failed sweep leaves nothing behind: the output locks remove the parent folder again if they made it.
     runs = _execute(job, started, RunOptions(stats, executor, None, None, None, unit_bytes, allow_nonfinite, device,
@@ -291,7 +295,8 @@ class Job:
 
 def prepare(sft: str, aligned: str, alpha, out: str, *, sweep: bool = False, alpha_rules=None,
             dtype: str | None = None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-            chunk_bytes: int = DEFAULT_CHUNK_BYTES, overwrite: bool = False, drop=None, vocab: str = "auto") -> Job:
+            chunk_bytes: int = DEFAULT_CHUNK_BYTES, overwrite: bool = False, drop=None, vocab: str = "auto",
+            drop_shared: bool = False) -> Job:
     """Every check and the plans, reading headers (and the few non-float tensors) but writing nothing: what
     `expo extrapolate --dry-run` shows. `alpha` is one alpha, or with `sweep` a list of them."""
     alphas = check_alphas(alpha) if sweep else (check_alpha(alpha),)
@@ -304,7 +309,8 @@ def prepare(sft: str, aligned: str, alpha, out: str, *, sweep: bool = False, alp
     targets = [os.path.join(out, sweep_folder(a)) for a in alphas] if sweep else [out]
     outs = tuple(check_output_path(t, [sft_ck.path, aligned_ck.path], overwrite) for t in targets)
     plans = tuple(make_plan(sft_ck, aligned_ck, a, dtype=dtype, max_shard_size=max_shard_size,
-                            chunk_bytes=chunk_bytes, rules=rules, drop=drop, vocab=vocab) for a in alphas)
+                            chunk_bytes=chunk_bytes, rules=rules, drop=drop, vocab=vocab, drop_shared=drop_shared)
+                  for a in alphas)
     check_copies(plans[0])
     config_dtype = dtypes.CONFIG_NAMES[dtypes.CLI_NAMES[dtype.lower()]] if dtype else None
     side = side_files(aligned_ck, config_dtype)
@@ -603,5 +609,6 @@ def provenance(plan: Plan, sft: Checkpoint, aligned: Checkpoint) -> dict:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     } | ({"alpha_rules": list(plan.alpha_rules), "alpha_by_tensor": plan.alpha_overrides} if plan.alpha_rules
          else {}) | ({"dropped": {"patterns": list(plan.drop), "tensors": list(plan.dropped),
+                                  "drop_shared": plan.drop_shared,
                                   "note": "left out of the output on purpose (--drop)"}} if plan.drop else {}) | (
         {"vocab": plan.vocab.record(list(plan.vocab_tensors))} if plan.vocab else {})

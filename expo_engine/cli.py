@@ -74,7 +74,11 @@ def _parser() -> argparse.ArgumentParser:
                         "default), or take its first rows as the SFT model's (aligned-extends-sft)")
     x.add_argument("--drop", action="append", default=[], metavar="PATTERN",
                    help="leave tensors whose name matches this regex out of the output, on purpose (repeatable; "
-                        "e.g. the value head of an RLHF checkpoint: --drop '^v_head[.]'); recorded in expo.json")
+                        "e.g. the value head of an RLHF checkpoint: --drop '^v_head[.]'); recorded in expo.json. A "
+                        "pattern matching a tensor both checkpoints hold is refused, unless --drop-shared")
+    x.add_argument("--drop-shared", action="store_true",
+                   help="let --drop leave out tensors both checkpoints hold (the output then lacks weights its model "
+                        "needs: a loader fills them with random values; expo verify reports them)")
     x.add_argument("--alpha-rule", action="append", default=[], metavar="PATTERN=VALUE",
                    help="give the tensors whose name matches the regular expression PATTERN (re.search) another "
                         "alpha: VALUE is a number (the same at every alpha of a sweep) or xF (F times the alpha); "
@@ -257,13 +261,13 @@ def _run_extrapolate(args) -> int:
     if args.dry_run:
         job = prepare(args.sft, args.aligned, args.alpha, args.out, sweep=sweep, alpha_rules=rules,
                       dtype=args.dtype, max_shard_size=args.max_shard_size, chunk_bytes=chunk_bytes,
-                      overwrite=args.overwrite, drop=args.drop, vocab=args.vocab)
+                      overwrite=args.overwrite, drop=args.drop, vocab=args.vocab, drop_shared=args.drop_shared)
         choose_executor(args.executor, job.plans[0], args.workers, args.ray_address,
                         sweep=len(job.plans) if sweep else 0)
         print(alpha_table(job))
         return 0
     progress = Progress()
-    common = dict(alpha_rules=rules, drop=args.drop, vocab=args.vocab, dtype=args.dtype,
+    common = dict(alpha_rules=rules, drop=args.drop, drop_shared=args.drop_shared, vocab=args.vocab, dtype=args.dtype,
                   max_shard_size=args.max_shard_size,
                   chunk_bytes=chunk_bytes, overwrite=args.overwrite, stats=args.stats, executor=args.executor,
                   allow_nonfinite=args.allow_nonfinite, device=args.device, on_executor=_say_executor,
@@ -345,8 +349,7 @@ def _run_search(args) -> int:
 
 def vocab_line(plan) -> str:
     v = plan.vocab
-    return (f"vocabulary resized ({v.sft_rows} -> {v.aligned_rows} rows, matched {v.how}"
-            + (f", {v.moved} row(s) at another id" if v.moved else "") + f"): {', '.join(plan.vocab_tensors)}: "
+    return (f"{v.headline}): {', '.join(plan.vocab_tensors)}: "
             f"{v.extrapolated} row(s) extrapolated, {v.copied} copied from the aligned model")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 
 from huggingface_hub import split_state_dict_into_shards_factory
@@ -18,7 +19,7 @@ from .errors import MismatchError, OptionError
 from .naming import dropped_names, listing, shared_names
 from .rules import as_rules, resolve
 from .sources import Checkpoint, TensorSlot
-from .vocab import RowMap, row_map
+from .vocab import RowMap, match_rows
 from .vocab import resized as vocab_resized
 
 SHARD_PATTERN = "model{suffix}.safetensors"
@@ -41,7 +42,7 @@ class TensorPlan:
     shard: str  # output file name
     offset: int  # absolute byte offset of the tensor's first element in that file
     alpha: float  # the alpha of this tensor: the plan's, or what an alpha rule gave it
-    rows: tuple = ()  # vocabulary segments (start_row, stop_row, sft_row or None) when the row counts differ
+    rows: tuple = ()  # vocabulary segments (start_row, stop_row, sft_row or None) when rows are matched by token
 
     @property
     def numel(self) -> int:
@@ -87,8 +88,9 @@ class Plan:
     alpha_rules: tuple[str, ...] = ()  # the rules, as written, that set TensorPlan.alpha
     drop: tuple[str, ...] = ()  # the --drop patterns, as written
     dropped: tuple[str, ...] = ()  # the tensor names (of either side) they left out of the output
-    vocab: RowMap | None = None  # how the rows of the tensors whose vocabulary was resized were matched
+    vocab: RowMap | None = None  # how the rows of the vocabulary tensors were matched (resized or reordered)
     vocab_tensors: tuple[str, ...] = ()  # those tensors
+    drop_shared: bool = False  # the drop patterns were allowed to leave out tensors both checkpoints hold
 
     @property
     def alpha_overrides(self) -> dict[str, float]:
@@ -256,17 +258,22 @@ def make_plan(
     rules=(),
     drop=(),
     vocab: str = "auto",
+    drop_shared: bool = False,
 ) -> Plan:
     """Match the checkpoints by tensor name and lay out the output. Raises MismatchError/OptionError, listing every
     tensor that does not match (names on one side only, shapes, dtypes), not only the first.
 
     `rules` (alpha rules: `rules.Rule`s, `PATTERN=VALUE` strings or rules-file dicts) give tensors another alpha
     than `alpha`; the first rule that selects a tensor wins (see expo_engine.rules). `drop` (regexes searched in
-    tensor names) leaves matching tensors of either side out of the output, on purpose (a value head).
+    tensor names) leaves matching tensors of either side out of the output, on purpose (a value head); a pattern that
+matches a tensor both sides hold is refused (OptionError: the output would lack a weight its model needs) unless
+`drop_shared`, and so is a drop that leaves no tensor.
 
     Tensors whose first dimension (the vocabulary) has more rows in the aligned checkpoint, all by the same count,
     are matched row by row (`vocab.row_map`, from the two tokenizers; `vocab="aligned-extends-sft"` without them):
-    shared rows are extrapolated, rows only the aligned model has are copied from it."""
+    shared rows are extrapolated, rows only the aligned model has are copied from it. At equal row counts the two
+    tokenizers, where both sides have one, are consulted too (`vocab.match_rows`): tokens at other ids are matched
+    by token string."""
     alpha = check_alpha(alpha)
     if chunk_bytes < 1:
         raise OptionError("the chunk size must be positive")
@@ -275,8 +282,17 @@ def make_plan(
     # Output order follows the aligned checkpoint's files, so its reads stay sequential.
     drop = tuple(drop or ())
     dropped = tuple(dropped_names(sft, aligned, drop))
+    both = [n for n in dropped if n in sft.tensors and n in aligned.tensors]
+    if both and not drop_shared:
+        which = [p for p in drop if any(re.search(p, n) for n in both)]
+        raise OptionError(f"--drop {' '.join(repr(p) for p in which)} matches {len(both)} tensor(s) that both "
+                          f"checkpoints hold ({listing(both)}): the output would lack them, and a loader fills "
+                          "missing weights with random values; --drop is for tensors one side has (a value head); "
+                          "pass --drop-shared (drop_shared=True) to leave them out anyway")
     drafts, shapes, kinds = {}, [], []
     names = shared_names(sft, aligned, drop)
+    if drop and not names:
+        raise OptionError(f"--drop {' '.join(repr(p) for p in drop)} leaves no tensor to write")
     resized = vocab_resized(sft, aligned, names)  # a resized vocabulary, if all such tensors agree
     for name in names:
         s, a = sft.tensors[name], aligned.tensors[name]
@@ -286,15 +302,14 @@ def make_plan(
             kinds.append(f"{name} {s.dtype} vs {a.dtype}")
         else:
             drafts[name] = (s, a, *action)
-    rows_map = None
-    if resized:
-        if len(set(resized.values())) > 1 or shapes:  # not one vocabulary: plain shape mismatches
-            shapes = [f"{n} {list(sft.tensors[n].shape)} vs {list(aligned.tensors[n].shape)}" for n in resized] + shapes
-            for n in resized:
-                drafts.pop(n, None)
-        else:
-            (n_sft, n_aligned), = set(resized.values())
-            rows_map = row_map(sft, aligned, n_sft, n_aligned, vocab, list(resized))
+    rows_map, vocab_names = None, ()
+    if resized and (len(set(resized.values())) > 1 or shapes):  # not one vocabulary: plain shape mismatches
+        shapes = [f"{n} {list(sft.tensors[n].shape)} vs {list(aligned.tensors[n].shape)}" for n in resized] + shapes
+        for n in resized:
+            drafts.pop(n, None)
+    elif not shapes:
+        # resized, or of equal size with tokens at other ids (the two tokenizers say): rows matched by token
+        rows_map, vocab_names = match_rows(sft, aligned, names, vocab)
     problems = []
     if shapes:
         problems.append(f"{len(shapes)} tensor(s) differ in shape between the SFT and the aligned checkpoint "
@@ -331,7 +346,7 @@ def make_plan(
             s, a, action, out_dtype = drafts[n]
             start = len(header) + header_json[n]["data_offsets"][0]
             tensors.append(TensorPlan(n, a.shape, action, out_dtype, s, a, filename, start, alphas.get(n, alpha),
-                                      rows_map.segments if rows_map and n in resized else ()))
+                                      rows_map.segments if rows_map and n in vocab_names else ()))
         shards.append(ShardPlan(filename, header, len(header) + offset, tuple(names)))
 
     chunks = []
@@ -347,7 +362,7 @@ def make_plan(
     total = sum(t.nbytes for t in tensors)
     return Plan(float(alpha), chunk_bytes, tuple(tensors), tuple(shards), tuple(chunks), total,
                 tuple(r.text for r in rules) if rules else (), drop, dropped, rows_map,
-                tuple(n for n in (t.name for t in tensors) if n in resized) if rows_map else ())
+                tuple(n for n in (t.name for t in tensors) if n in vocab_names) if rows_map else (), drop_shared)
 
 
 def _out_dtype(dtype: str | None) -> str | None:

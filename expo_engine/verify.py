@@ -8,7 +8,14 @@ Three checks, each independent of how the output was written:
 3. elements (with both sources): every float element is the float64 formula rounded once, within one output step
    (float32's own error forgiven where the result cancels, as `kernels.error_steps` measures it); every other
    tensor equals the aligned bytes. Read chunk by chunk with `pread` (O_DIRECT where allowed) into two reused sets
-   of three buffers, one set read by a thread while the other is checked.
+   of three buffers, one set read by a thread while the other is checked. The vocabulary rows are matched from the
+   sources' own tokenizers (`vocab.match_rows`, as the plan matches them), not taken from `expo.json`: an output
+   made row by row by id from a reordered vocabulary fails, and a row map that expo.json records differently is a
+   problem;
+4. completeness: the model the output's own config.json describes (built by transformers on the meta device, no
+   memory) must find every tensor it needs in the folder (tied aliases and the loader's own renamings allowed). A
+   tensor it needs that no shard holds (left out with `--drop --drop-shared`) is a problem; without transformers,
+   or with a config it cannot build, the check is skipped with a note.
 
 A damaged output is not an exception: it is a report with `ok` False, each problem naming its file or tensor.
 """
@@ -19,9 +26,11 @@ import json
 import math
 import os
 import random
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 from . import dtypes, kernels
+from .adapters import is_adapter
 from .errors import FormatError, MismatchError, OptionError, SourceError
 from .naming import shared_names
 from .plan import check_alpha
@@ -29,11 +38,13 @@ from .reading import Buffers, Inputs, direct_io, hash_range, read_ahead
 from .sources import (
     SAFETENSORS_INDEX,
     SAFETENSORS_SINGLE,
+    Checkpoint,
     TensorSlot,
     open_checkpoint,
     read_safetensors_layout,
     read_safetensors_metadata,
 )
+from .vocab import match_rows
 from .writer import PROVENANCE_NAME
 
 MAX_LISTED = 20  # problems and failing tensors shown by format_report
@@ -55,6 +66,7 @@ class VerifyReport:
     failing_tensors: list[tuple[str, float, int]]  # (name, worst steps, elements more than one step off)
     sample: float | None  # the fraction of chunks asked for; None: all
     seed: int
+    notes: list[str] = field(default_factory=list)  # checks that were skipped, and why
 
     @property
     def ok(self) -> bool:
@@ -92,6 +104,14 @@ def verify(
         raise OptionError(f"sample must be a fraction in (0, 1], got {sample!r}")
     if chunk_bytes < 1:
         raise OptionError("the chunk size must be positive")
+    for option, src in (("--sft", sft), ("--aligned", aligned)):
+        if src is not None and is_adapter(src):
+            raise OptionError(
+                f"{option} {src} is a LoRA adapter (it has adapter_config.json), not a checkpoint: expo verify checks "
+                "elements against the two full checkpoints an output was made from, and does not recompute an "
+                "adapter merge (sft + (1 + alpha) * s * B @ A in float32); run `expo verify OUT` alone for its "
+                "structure, checksums and completeness, or compare the merged model's logits with PEFT's "
+                "(PeftModel.from_pretrained on the SFT model)")
     out = os.path.abspath(os.path.expanduser(out))
     if not os.path.isdir(out):
         raise SourceError(f"{out}: no such folder; give the folder `expo extrapolate` wrote")
@@ -106,10 +126,13 @@ def verify(
         sources = open_checkpoint(sft), open_checkpoint(aligned)
 
     problems = [prov_problem] if prov_problem else []
+    notes: list[str] = []
     slots, shards = _check_structure(out, problems)
     files_checked = _check_checksums(out, provenance, problems)
+    dropped = set(((provenance or {}).get("dropped") or {}).get("tensors") or ())
+    _check_complete(out, slots, dropped, problems, notes)
     report = dict(out=out, shards=shards, tensors=len(slots), files_checked=files_checked,
-                  elements_total=sum(s.numel for s in slots), sample=sample, seed=seed)
+                  elements_total=sum(s.numel for s in slots), sample=sample, seed=seed, notes=notes)
     if sources is None:
         return VerifyReport(problems=problems, alpha=None, elements_checked=0, worst_steps=0.0, failing_tensors=[],
                             **report)
@@ -135,6 +158,7 @@ def format_report(report: VerifyReport) -> str:
         how = "all" if r.sample is None else f"a {r.sampled_fraction:.1%} sample, seed {r.seed}"
         lines.append(f"  elements: {r.elements_checked:,} of {r.elements_total:,} checked ({how}) against the float64 "
                      f"formula with alpha {r.alpha:g}; worst {r.worst_steps:.2f} step(s), at most 1 allowed")
+    lines += [f"  note: {n}" for n in r.notes]
     lines += [f"  problem: {p}" for p in r.problems[:MAX_LISTED]]
     lines += [f"  tensor '{name}': {bad:,} element(s) more than one step off (worst {steps:.2f})"
               for name, steps, bad in r.failing_tensors[:MAX_LISTED]]
@@ -296,6 +320,26 @@ def _sha256(path: str) -> str:
 # 3. Elements
 
 
+def _compare_row_maps(recorded, rows_map, tensors, problems: list[str]) -> None:
+    """A problem when expo.json's vocabulary record is not the row map the sources' tokenizers give."""
+    if not rows_map and not recorded:
+        return
+    if rows_map and not isinstance(recorded, dict):
+        problems.append(
+            f"{PROVENANCE_NAME}: records no vocabulary row map, but the sources' tokenizers match the rows of "
+            f"{', '.join(tensors)} {rows_map.how} ({rows_map.moved} row(s) at another id, {rows_map.copied} only in "
+            "the aligned model): the output was made row by row by id; its elements are checked against the "
+            "tokenizers' rows")
+    elif not rows_map:
+        problems.append(f"{PROVENANCE_NAME}: records a vocabulary row map ({recorded.get('matched')}), but the "
+                        "sources' tokenizers match every row by id; are these its sources?")
+    elif (recorded.get("segments") != [list(x) for x in rows_map.segments]
+          or sorted(recorded.get("tensors") or ()) != sorted(tensors)):
+        problems.append(f"{PROVENANCE_NAME}: its vocabulary row map is not the one the sources' tokenizers give "
+                        f"({rows_map.how}, {rows_map.moved} row(s) at another id); elements are checked against the "
+                        "tokenizers' rows")
+
+
 def _check_elements(slots, sft, aligned, alpha, sample, seed, chunk_bytes, problems, overrides=None, drop=(),
                     vocab=None):
     """Return (elements checked, worst steps, failing tensors) for the output tensors in `slots`."""
@@ -312,9 +356,13 @@ def _check_elements(slots, sft, aligned, alpha, sample, seed, chunk_bytes, probl
         problems.append(f"the output lacks {len(missing)} tensor(s) that the sources hold (first: "
                         f"{', '.join(missing[:5])})")
 
-    # a resized vocabulary: the rows of these tensors, recorded in expo.json as segments (start_row, stop_row,
-    # sft_row or None); rows only the aligned model has must equal it (alpha 0)
-    segments = {name: [tuple(x) for x in vocab["segments"]] for name in vocab["tensors"]} if vocab else {}
+    # the vocabulary rows, from the sources' tokenizers as the plan matches them (segments (start_row, stop_row,
+    # sft_row or None)); rows only the aligned model has must equal it (alpha 0). expo.json's record only says
+    # which --vocab mode made the output; a record that differs from the sources' own row map is a problem.
+    mode = "aligned-extends-sft" if isinstance(vocab, dict) and vocab.get("matched") == "as told" else "auto"
+    rows_map, vocab_names = match_rows(sft, aligned, shared, mode)
+    segments = {name: list(rows_map.segments) for name in vocab_names} if rows_map else {}
+    _compare_row_maps(vocab, rows_map, vocab_names, problems)
     work, chunks = [], []  # work[i] = (out slot, sft slot, aligned slot, copied?); chunks: (i, start, stop, shift)
     for o in slots:
         s, a = sft.tensors[o.name], aligned.tensors[o.name]
@@ -370,3 +418,69 @@ def _check_elements(slots, sft, aligned, alpha, sample, seed, chunk_bytes, probl
     worst = max((st[0] for st in stats), default=0.0)
     return sum(stop - start for _, start, stop, _ in chunks), worst, failing
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. Completeness
+
+
+def _check_complete(out: str, slots: list[TensorSlot], dropped: set[str], problems: list[str],
+                    notes: list[str]) -> None:
+    """Problems for the tensors that the model of the output's own config.json needs and no shard holds; a note
+    where that cannot be told. The model is built by transformers on the meta device (no memory, no weights
+    read); tied aliases count as one, the names its loader renames or fuses (`generation.transformers_placement`)
+    as the names they become, and its own `_keys_to_ignore_on_load_missing` as not needed."""
+    what = "whether the folder holds every tensor its config.json requires"
+    if not os.path.isfile(os.path.join(out, "config.json")):
+        notes.append(f"{what}: not checked (no config.json)")
+        return
+    try:
+        import torch
+        import transformers
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        notes.append(f"{what}: not checked (transformers is not installed)")
+        return
+    from .generation import transformers_placement
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its warnings about the config are the loader's business, not verify's
+    try:
+        config = transformers.AutoConfig.from_pretrained(out)
+        arch = next(iter(getattr(config, "architectures", None) or ()), None)
+        cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+        with torch.device("meta"):
+            if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+                model = cls(config)
+            else:
+                model = transformers.AutoModelForCausalLM.from_config(config)
+        state = model.state_dict(keep_vars=True)
+        held = {s.name: s for s in slots}
+        placed = transformers_placement(model, Checkpoint(out, out, None, "safetensors", (), held), state)
+    except Exception as e:  # any config transformers cannot build a model from (of any kind): not checkable
+        notes.append(f"{what}: not checked (transformers cannot build a model from its config.json: "
+                     f"{type(e).__name__})")
+        return
+    finally:
+        hf_logging.set_verbosity(level)
+    name = type(model).__name__
+    unknown = [n for n in held if n not in state and n not in placed]
+    if unknown:
+        notes.append(f"{what}: not checked ({len(unknown)} tensor name(s) of the folder, first "
+                     f"{', '.join(unknown[:3])}, are not {name}'s own)")
+        return
+    wrong = [n for n, t in held.items() if n in state and tuple(state[n].shape) != tuple(t.shape)]
+    if wrong:
+        notes.append(f"{what}: not checked (config.json does not describe these tensors: '{wrong[0]}' is "
+                     f"{list(held[wrong[0]].shape)} in the folder, {list(state[wrong[0]].shape)} in {name})")
+        return
+    covered = set(held) | {target for target, _ in placed.values()}
+    aliases: dict[int, list[str]] = {}  # tied parameters are one tensor under several names
+    for key, value in state.items():
+        aliases.setdefault(id(value), []).append(key)
+    ignore = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_missing", None) or ()]
+    for group in aliases.values():
+        if any(n in covered for n in group) or any(rx.search(n) for rx in ignore for n in group):
+            continue
+        left = " (left out with --drop)" if any(n in dropped for n in group) else ""
+        problems.append(f"tensor '{group[0]}': {name} (the model of its config.json) needs it, but no shard holds "
+                        f"it{left}; a loader would fill it with random values")

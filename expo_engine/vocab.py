@@ -5,10 +5,15 @@ so the aligned model's input embeddings and output head have more rows than the 
 same token on both sides is extrapolated; a row that exists only in the aligned model is copied from it (alpha = 0
 for it: there is no SFT value to extrapolate from).
 
-"Same token" is decided from the two tokenizers (`tokenizer.json`, else `vocab.json` + `added_tokens.json`): the
-same token string at the same id is the same row; when shared tokens sit at different ids, rows are matched by
-token string. Rows beyond a tokenizer's tokens (padding rows) are matched by id where both sides have them. Without
-tokenizers, `vocab="aligned-extends-sft"` says that the first rows of the aligned model are the SFT model's.
+"Same token" is decided from the two tokenizers (`tokenizer.json`, else `vocab.json` + `added_tokens.json`, with the
+added tokens of `tokenizer_config.json`'s `added_tokens_decoder`, as slow tokenizers save them): the same token
+string at the same id is the same row; when shared tokens sit at different ids, rows are matched by token string.
+Rows beyond a tokenizer's tokens (padding rows) are matched by id where both sides have them. Without tokenizers,
+`vocab="aligned-extends-sft"` says that the first rows of the aligned model are the SFT model's.
+
+The tokenizers are consulted whenever both sides have one, also when the row counts are equal: a vocabulary of the
+same size whose tokens were reordered is matched by token string too (`match_rows`), not extrapolated row k against
+row k. Equal row counts with tokenizers that agree id for id need no row map (the plain by-id case).
 
 The result is a tuple of segments `(start_row, stop_row, sft_row)`: aligned rows [start, stop) come from SFT rows
 [sft_row, sft_row + stop - start), or, with sft_row None, from the aligned model alone.
@@ -36,6 +41,7 @@ class RowMap:
     segments: tuple[Segment, ...]
     how: str  # "by id" (the aligned tokens extend the SFT ones), "by token string", or "as told" (--vocab)
     moved: int = 0  # rows matched at another id (by token string)
+    new_tokens: int = 0  # by token string: aligned rows whose token the SFT tokenizer lacks (among the copied rows)
 
     @property
     def extrapolated(self) -> int:
@@ -45,9 +51,21 @@ class RowMap:
     def copied(self) -> int:
         return sum(b - a for a, b, s in self.segments if s is None)
 
+    @property
+    def headline(self) -> str:
+        """`vocabulary resized (128 -> 136 rows, matched by id` or `vocabulary reordered (128 rows, matched by
+        token string, 2 row(s) at another id`: the start of the line the CLI prints."""
+        rows = (f"resized ({self.sft_rows} -> {self.aligned_rows} rows" if self.sft_rows != self.aligned_rows
+                else f"reordered ({self.aligned_rows} rows")
+        return (f"vocabulary {rows}, matched {self.how}" + (f", {self.moved} row(s) at another id" if self.moved
+                                                             else "")
+                + (f", {self.new_tokens} aligned token(s) the SFT tokenizer lacks, copied"
+                   if self.new_tokens and self.sft_rows == self.aligned_rows else ""))
+
     def record(self, tensors: list[str]) -> dict:
         return {"sft_rows": self.sft_rows, "aligned_rows": self.aligned_rows, "matched": self.how,
                 "rows_extrapolated": self.extrapolated, "rows_copied": self.copied, "rows_moved": self.moved,
+                "rows_new_tokens": self.new_tokens,
                 "tensors": tensors, "segments": [list(s) for s in self.segments],
                 "note": "rows of these tensors that exist only in the aligned model are copied from it (alpha 0)"}
 
@@ -80,8 +98,13 @@ def vocab_size(folder: str) -> int | None:
 
 
 def read_tokens(folder: str) -> list[str | None] | None:
-    """Token string per id from a tokenizer in `folder` (None at ids no token has), or None without a tokenizer."""
-    vocab: dict[str, int] = {}
+    """Token string per id from a tokenizer in `folder` (None at ids no token has), or None without a tokenizer.
+
+    The base vocabulary comes from `tokenizer.json` (else `vocab.json`); added tokens from its `added_tokens` (else
+    `added_tokens.json`) and from `tokenizer_config.json`'s `added_tokens_decoder` (id -> content, where slow
+    tokenizers keep them), which win at their ids. A string may end up at two ids (an added token that repeats a
+    base token elsewhere): `match_rows` refuses to guess between them."""
+    pairs: list[tuple[str, int]] = []  # (token, id) in the order they apply: later ones win at their id
     path = os.path.join(folder, "tokenizer.json")
     try:
         if os.path.isfile(path):
@@ -90,35 +113,40 @@ def read_tokens(folder: str) -> list[str | None] | None:
             model = data.get("model") or {}
             v = model.get("vocab")
             if isinstance(v, dict):
-                vocab.update(v)
+                pairs += v.items()
             elif isinstance(v, list):  # Unigram: [[token, score], ...] by id
-                vocab.update({item[0]: i for i, item in enumerate(v)})
-            for t in data.get("added_tokens") or []:
-                vocab[t["content"]] = t["id"]
+                pairs += [(item[0], i) for i, item in enumerate(v)]
+            pairs += [(t["content"], t["id"]) for t in data.get("added_tokens") or []]
         elif os.path.isfile(os.path.join(folder, "vocab.json")):
             with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as f:
-                vocab.update(json.load(f))
+                pairs += json.load(f).items()
             added = os.path.join(folder, "added_tokens.json")
             if os.path.isfile(added):
                 with open(added, encoding="utf-8") as f:
-                    vocab.update(json.load(f))
+                    pairs += json.load(f).items()
         else:
             return None
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        config = os.path.join(folder, "tokenizer_config.json")
+        if pairs and os.path.isfile(config):
+            with open(config, encoding="utf-8") as f:
+                decoder = json.load(f).get("added_tokens_decoder") or {}
+            pairs += [(t["content"], int(i)) for i, t in decoder.items()]
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
         raise MismatchError(f"{folder}: its tokenizer files cannot be read to match vocabulary rows ({e})") from None
-    if not vocab:
+    pairs = [(t, i) for t, i in pairs if isinstance(t, str) and isinstance(i, int) and i >= 0]
+    if not pairs:
         return None
-    tokens: list[str | None] = [None] * (max(vocab.values()) + 1)
-    for token, i in vocab.items():
-        if isinstance(i, int) and i >= 0:
-            tokens[i] = token
+    tokens: list[str | None] = [None] * (max(i for _, i in pairs) + 1)
+    for token, i in pairs:
+        tokens[i] = token
     return tokens
 
 
 def row_map(sft: Checkpoint, aligned: Checkpoint, sft_rows: int, aligned_rows: int, mode: str = "auto",
             tensors: list[str] = ()) -> RowMap:
-    """How the `aligned_rows` rows of the embedding-like tensors map onto the SFT model's `sft_rows`. Raises
-    MismatchError when it cannot be decided, saying what is missing and which option accepts it anyway."""
+    """How the `aligned_rows` rows of the embedding-like tensors map onto the SFT model's `sft_rows` (a resized
+    vocabulary: the row counts differ). Raises MismatchError when it cannot be decided, saying what is missing and
+    which option accepts it anyway."""
     if mode not in MODES:
         raise OptionError(f"--vocab must be one of {', '.join(MODES)}, not {mode!r}")
     what = f"{', '.join(tensors[:3])} ({sft_rows} rows in the SFT checkpoint, {aligned_rows} in the aligned one)"
@@ -136,25 +164,103 @@ def row_map(sft: Checkpoint, aligned: Checkpoint, sft_rows: int, aligned_rows: i
                             f"vocab.json) in the {missing} folder to tell which rows mean the same token; if the "
                             f"first {sft_rows} rows of the aligned model are the SFT model's tokens, pass --vocab "
                             "aligned-extends-sft")
-
-    def at(tokens, i):
-        return tokens[i] if i < len(tokens) else None
-
-    if all(at(sft_tokens, i) == at(aligned_tokens, i) for i in range(sft_rows)):
+    if _same_ids(sft_tokens, aligned_tokens, sft_rows):
         return RowMap(sft_rows, aligned_rows, _extends(sft_rows, aligned_rows), "by id")
-    index = {t: i for i, t in enumerate(sft_tokens[:sft_rows]) if t is not None}
-    if len(index) != len([t for t in sft_tokens[:sft_rows] if t is not None]):
-        raise MismatchError(f"the vocabulary was resized ({what}) and the SFT tokenizer holds a token twice, so its "
-                            "rows cannot be matched by token string")
+    return _by_string(sft_tokens, aligned_tokens, sft_rows, aligned_rows, f"the vocabulary was resized ({what})")
+
+
+def match_rows(sft: Checkpoint, aligned: Checkpoint, names,
+               mode: str = "auto") -> tuple[RowMap | None, tuple[str, ...]]:
+    """(row map, its tensors) for the vocabulary tensors among `names` (names both sides hold, in output order).
+
+    Resized (the row counts differ, all by the same pair): `row_map`. Equal row counts with a tokenizer on both
+    sides: the embeddings and heads with the vocabulary's rows (config.json's vocab_size) are matched by token
+    string when the tokenizers put tokens at other ids; rows whose aligned token the SFT tokenizer lacks are copied
+    from the aligned model and counted (`RowMap.new_tokens`); `mode="aligned-extends-sft"` keeps them by id,
+    recorded as told. (None, ()) when rows go by id without a record: equal row counts whose tokenizers agree id
+    for id, or with a tokenizer on one side only; and resized tensors that disagree on their row counts (plain
+    shape mismatches, the caller's to report). Reads no tensor data."""
+    if mode not in MODES:
+        raise OptionError(f"--vocab must be one of {', '.join(MODES)}, not {mode!r}")
+    names = list(names)
+    grown = resized(sft, aligned, names)
+    if grown:
+        if len(set(grown.values())) > 1:
+            return None, ()
+        (n_sft, n_aligned), = set(grown.values())
+        tensors = [n for n in names if n in grown]
+        return row_map(sft, aligned, n_sft, n_aligned, mode, tensors), tuple(tensors)
+    sft_tokens, aligned_tokens = read_tokens(sft.path), read_tokens(aligned.path)
+    if sft_tokens is None or aligned_tokens is None:
+        return None, ()
+    tensors = vocabulary_tensors(sft, aligned, names, max(len(sft_tokens), len(aligned_tokens)))
+    if not tensors:
+        return None, ()
+    rows = aligned.tensors[tensors[0]].shape[0]
+    if _same_ids(sft_tokens, aligned_tokens, rows):
+        return None, ()
+    what = (f"the tokenizers put tokens at other ids in {', '.join(tensors[:3])} ({rows} rows on both sides)")
+    if mode == "aligned-extends-sft":
+        return RowMap(rows, rows, ((0, rows, 0),), "as told"), tuple(tensors)
+    return _by_string(sft_tokens, aligned_tokens, rows, rows, what), tuple(tensors)
+
+
+_POSITIONS = ("wpe", "position")  # embeddings by position, not by token: never matched by token string
+
+
+def vocabulary_tensors(sft: Checkpoint, aligned: Checkpoint, names, tokens: int) -> list[str]:
+    """The tensors among `names` whose rows are the vocabulary, at equal shapes on both sides: embeddings and heads
+    by name (not position embeddings) with config.json's vocab_size rows (both configs agreeing), or, without one,
+    at least `tokens` rows, all of them one row count."""
+    sizes = {vocab_size(sft.path), vocab_size(aligned.path)}
+    n = sizes.pop() if len(sizes) == 1 else None
+    out = []
+    for name in names:
+        s, a = sft.tensors[name].shape, aligned.tensors[name].shape
+        if (s == a and len(a) >= 1 and classify(name)[1] in ("embed", "head")
+                and not any(p in name for p in _POSITIONS) and (a[0] == n if n is not None else a[0] >= tokens)):
+            out.append(name)
+    if len({aligned.tensors[name].shape[0] for name in out}) > 1:
+        return []  # not one vocabulary: nothing to match
+    return out
+
+
+def _at(tokens: list, i: int):
+    return tokens[i] if i < len(tokens) else None
+
+
+def _same_ids(sft_tokens: list, aligned_tokens: list, rows: int) -> bool:
+    return all(_at(sft_tokens, i) == _at(aligned_tokens, i) for i in range(rows))
+
+
+def _by_string(sft_tokens: list, aligned_tokens: list, sft_rows: int, aligned_rows: int, what: str) -> RowMap:
+    """Aligned row j from the SFT row of its token: the same id where the SFT token there is the same, else the
+    one SFT id of that string; None (copied) where the SFT tokenizer lacks it. A string at several SFT ids, none of
+    them j, is ambiguous: MismatchError."""
+    ids: dict[str, list[int]] = {}
+    for i in range(sft_rows):
+        if (t := _at(sft_tokens, i)) is not None:
+            ids.setdefault(t, []).append(i)
     source: list[int | None] = []
+    new = 0
     for j in range(aligned_rows):
-        t = at(aligned_tokens, j)
-        if t is not None:
-            source.append(index.get(t))
-        else:  # a padding row: the same row where the SFT side has an untokened row there too
-            source.append(j if j < sft_rows and at(sft_tokens, j) is None else None)
+        t = _at(aligned_tokens, j)
+        if t is None:  # a padding row: the same row where the SFT side has an untokened row there too
+            source.append(j if j < sft_rows and _at(sft_tokens, j) is None else None)
+        elif j < sft_rows and _at(sft_tokens, j) == t:
+            source.append(j)
+        elif len(ids.get(t, ())) == 1:
+            source.append(ids[t][0])
+        elif t in ids:
+            raise MismatchError(f"{what}, and the SFT tokenizer holds token {t!r} at {len(ids[t])} ids "
+                                f"({', '.join(map(str, ids[t][:4]))}), so aligned row {j} cannot be matched by "
+                                "token string; fix the tokenizer, or pass --vocab aligned-extends-sft if the rows "
+                                "go by id")
+        else:
+            source.append(None)
+            new += 1
     moved = sum(1 for j, s in enumerate(source) if s is not None and s != j)
-    return RowMap(sft_rows, aligned_rows, _segments(source), "by token string", moved)
+    return RowMap(sft_rows, aligned_rows, _segments(source), "by token string", moved, new)
 
 
 def _extends(sft_rows: int, aligned_rows: int) -> tuple[Segment, ...]:

@@ -78,11 +78,87 @@ def test_drop_leaves_the_value_head_out_and_records_it(rlhf, tmp_path, capsys):
 
 
 def test_drop_from_python_and_a_pattern_of_a_shared_tensor(rlhf, tmp_path):
-    """A pattern may also leave out a tensor both sides hold (here the final norm): the output lacks it."""
+    """A pattern may leave out a tensor both sides hold (here the final norm) only with drop_shared: the output lacks
+    it, expo.json records it, and verify names it as a tensor the model's own config needs."""
     sft, aligned, _, _ = rlhf
-    summary = extrapolate(sft, aligned, 0.5, str(tmp_path / "out"), drop=["^v_head[.]", r"^model\.norm\."])
-    assert summary.tensors == len(load_output(str(tmp_path / "out"))) and "model.norm.weight" not in load_output(
-        str(tmp_path / "out"))
+    out = str(tmp_path / "out")
+    summary = extrapolate(sft, aligned, 0.5, out, drop=["^v_head[.]", r"^model\.norm\."], drop_shared=True)
+    assert summary.tensors == len(load_output(out)) and "model.norm.weight" not in load_output(out)
+    with open(os.path.join(out, "expo.json")) as f:
+        dropped = json.load(f)["dropped"]
+    assert dropped["drop_shared"] is True and "model.norm.weight" in dropped["tensors"]
+    report = verify(out, sft, aligned)
+    assert not report.ok
+    assert report.problems == ["tensor 'model.norm.weight': LlamaForCausalLM (the model of its config.json) needs it, "
+                               "but no shard holds it (left out with --drop); a loader would fill it with random "
+                               "values"]
+    assert verify(out).problems == report.problems  # structure only: the same completeness check
+
+
+@pytest.mark.parametrize("patterns,needles", [
+    (["embed_tokens"], ["--drop 'embed_tokens' matches 1 tensor(s) that both checkpoints hold",
+                        "model.embed_tokens.weight", "--drop-shared"]),
+    (["^v_head[.]", "layers[.]0[.]"], ["--drop 'layers[.]0[.]' matches 9 tensor(s)", "--drop-shared"]),
+    ([".*"], ["--drop '.*' matches 21 tensor(s) that both checkpoints hold", "lm_head.weight"]),
+])
+def test_a_drop_of_shared_tensors_is_refused(rlhf, tmp_path, capsys, patterns, needles):
+    """`--drop` is for tensors one side has: one that matches tensors both checkpoints hold (the embedding, every
+    tensor) is refused in one line, exit 2, nothing written, unless --drop-shared."""
+    sft, aligned, _, _ = rlhf
+    out = str(tmp_path / "out")
+    drops = [arg for p in patterns for arg in ("--drop", p)]
+    with unchanged(tmp_path, out):
+        rc, _, err = run_expo(capsys, "extrapolate", "--sft", sft, "--aligned", aligned, "--alpha", "0.5",
+                              "--out", out, *drops)
+    assert_user_error(rc, err, *needles)
+    with pytest.raises(OptionError, match="both checkpoints hold"):
+        extrapolate(sft, aligned, 0.5, out, drop=patterns)
+    assert not os.path.exists(out)
+
+
+def test_a_drop_of_everything_is_refused_even_with_drop_shared(rlhf, tmp_path, capsys):
+    sft, aligned, _, _ = rlhf
+    out = str(tmp_path / "out")
+    with unchanged(tmp_path, out):
+        rc, _, err = run_expo(capsys, "extrapolate", "--sft", sft, "--aligned", aligned, "--alpha", "0.5",
+                              "--out", out, "--drop", ".*", "--drop-shared")
+    assert_user_error(rc, err, "--drop '.*' leaves no tensor to write")
+
+
+def test_drop_shared_embedding_is_written_and_verify_names_it(rlhf, tmp_path, capsys):
+    sft, aligned, sft_state, aligned_state = rlhf
+    out = str(tmp_path / "out")
+    rc, _, err = run_expo(capsys, "extrapolate", "--sft", sft, "--aligned", aligned, "--alpha", "0.5", "--out", out,
+                          "--drop", "^v_head[.]", "--drop", "embed_tokens", "--drop-shared")
+    assert rc == 0, err
+    got = load_output(out)
+    assert "model.embed_tokens.weight" not in got
+    assert worst_steps(got, sft_state, aligned_state, 0.5) <= 1  # the rest is exact
+    rc, printed, _ = run_expo(capsys, "verify", out, "--sft", sft, "--aligned", aligned)
+    assert rc == 1
+    assert ("problem: tensor 'model.embed_tokens.weight': LlamaForCausalLM (the model of its config.json) needs it, "
+            "but no shard holds it (left out with --drop)") in printed
+
+
+def test_verify_skips_the_completeness_check_with_a_note(rlhf, tmp_path, monkeypatch):
+    """Without transformers, or with a config.json it cannot build a model from, verify says it did not check."""
+    import sys
+
+    sft, aligned, _, _ = rlhf
+    out = str(tmp_path / "out")
+    extrapolate(sft, aligned, 0.5, out, drop=["^v_head[.]"])
+    report = verify(out, sft, aligned)
+    assert report.ok and report.notes == []
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
+    report = verify(out)
+    assert report.ok and report.notes == ["whether the folder holds every tensor its config.json requires: not "
+                                          "checked (transformers is not installed)"]
+    monkeypatch.undo()
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump({"model_type": "no-such-model-type"}, f)
+    report = verify(out)
+    assert len(report.notes) == 1 and "not checked (transformers cannot build a model" in report.notes[0]
+    assert [p.split(":")[0] for p in report.problems] == ["config.json"]  # the edit: its checksum, nothing else
 
 
 @pytest.mark.parametrize("pattern,needle", [("^nothing_like_this", "matches no tensor"),
