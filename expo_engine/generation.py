@@ -8,9 +8,14 @@ Two backends behind one interface (`load_weights(alpha)`, `generate(prompts, sam
   `load_weights` (which shards and fuses them), and the prefix cache is reset after each update. UNTESTED: it has
   not run on a GPU yet (see docs/search.md).
 
-Sampling follows the paper's scripts (temperature 0.7, presence and frequency penalty 0.1, seed 42). Every alpha
-draws the same random numbers (the generator is reseeded per batch with `seed + batch`), so differences between
-alphas are paired.
+Sampling follows the paper's scripts (temperature 0.7, presence and frequency penalty 0.1, seed 42), and only
+those: the checkpoint's generation_config.json extras (repetition_penalty, no_repeat_ngram_size, min_new_tokens,
+suppress_tokens, ...) are not applied; only its end-of-sequence ids are. `generation_record()` says what was applied
+and which keys were ignored. Every alpha draws the same random numbers (the generator is reseeded per batch with
+`seed + batch`), so differences between alphas are paired.
+
+Non-finite logits (an fp16 overflow at a large alpha) never crash generation: the row's step is replaced by the
+end-of-sequence token and its Response is flagged `nonfinite`, which makes that alpha degenerate in the search.
 """
 
 from __future__ import annotations
@@ -47,6 +52,48 @@ class Response:
     text: str
     tokens: int  # generated tokens, the end-of-sequence token included when there is one
     truncated: bool  # stopped by max_new_tokens, not by an end-of-sequence token
+    nonfinite: bool = False  # some step's logits held NaN or Inf (that step was made end-of-sequence)
+
+
+# config keys that bound a model's positions, in the order they are looked for (GPT-2: n_positions; Llama and most:
+# max_position_embeddings; MPT: max_seq_len; ChatGLM, Qwen 1: seq_length)
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx",
+                 "max_sequence_length")
+# generation_config keys that are not settings of how responses are drawn: never reported as ignored
+NOT_SETTINGS = {"transformers_version", "_from_model_config", "_commit_hash", "bos_token_id",  # prompts are given
+                "decoder_start_token_id", "use_cache", "output_attentions", "output_hidden_states",
+                "return_dict_in_generate", "output_scores", "output_logits"}
+
+
+def position_limit(config) -> tuple[int, str] | None:
+    """The most positions (prompt plus generated tokens) the model takes, and the config key that says so; None
+    when its config names no limit."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in POSITION_KEYS:
+        value = getattr(text, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, getattr(text, "attribute_map", {}).get(key, key)  # the name config.json uses (GPT-2's)
+    return None
+
+
+def check_prompt_lengths(counts: list[int], max_new_tokens: int, limit: tuple[int, str] | None) -> None:
+    """One OptionError for a prompt that renders to no tokens, or for the longest prompt plus max_new_tokens
+    beyond the model's positions (`limit` from position_limit). Prompts are numbered from 1, in file order."""
+    for k, n in enumerate(counts):
+        if n == 0:
+            raise OptionError(f"prompt {k + 1} is empty once rendered (an empty prompt, or empty messages without a "
+                              "chat template): give it some text or leave it out")
+    if limit is None or not counts:
+        return
+    positions, key = limit
+    k = max(range(len(counts)), key=lambda i: counts[i])
+    longest = counts[k]
+    if longest + max_new_tokens > positions:
+        fix = (f"use --max-new-tokens {positions - longest} or less, or shorten it" if longest < positions else
+               "shorten it")
+        raise OptionError(f"prompt {k + 1} is {longest} tokens, and with --max-new-tokens {max_new_tokens} it would "
+                          f"need {longest + max_new_tokens} positions, more than the model's {positions} "
+                          f"({key} in its config): {fix}")
 
 
 def render(tokenizer, prompt: str | None, messages: list | None, chat_template: bool) -> str:
@@ -65,11 +112,12 @@ class TransformersBackend:
 
     name = "transformers"
 
-    def __init__(self, sft: Checkpoint, aligned: Checkpoint, device, chunk_bytes: int):
+    def __init__(self, sft: Checkpoint, aligned: Checkpoint, device, chunk_bytes: int, drop=()):
         import torch
 
         try:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+            import transformers
+            from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
         except ImportError:
             raise OptionError("expo search needs transformers: pip install 'expo-engine[search]'") from None
 
@@ -88,43 +136,93 @@ class TransformersBackend:
         self.model = AutoModelForCausalLM.from_pretrained(aligned.path, dtype="auto").to(self.device).eval()
         state = self.model.state_dict()
         self.weights = LiveWeights(sft, aligned, state, chunk_bytes=chunk_bytes,
-                                   placement=transformers_placement(self.model, aligned, state))
+                                   placement=transformers_placement(self.model, aligned, state), drop=drop)
+        # The paper's sampling only: the checkpoint's generation config (generation_config.json, or generation
+        # keys of an old config.json) is replaced by one holding its end-of-sequence ids and the pad id. generate()
+        # fills every setting it is not given from the model's generation config, so passing our own config to
+        # generate() alone would still apply the checkpoint's extras.
+        loaded = self.model.generation_config
+        eos = loaded.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos if eos is not None else self.tokenizer.eos_token_id]
+        self.eos = sorted({int(e) for e in eos if e is not None})
+        pad = self.tokenizer.pad_token_id
+        self.pad = int(pad if pad is not None else self.eos[0])
+        self.base = {"eos_token_id": self.eos, "pad_token_id": self.pad}
+        # ignored: what the checkpoint sets (to_diff_dict: the keys it gives a value) and generation does not apply
+        self.ignored = sorted(k for k, v in loaded.to_diff_dict().items()
+                              if k not in NOT_SETTINGS and k != "eos_token_id" and self.base.get(k) != v)
+        self.model.generation_config = GenerationConfig(**self.base)
+        self.versions = {"transformers": transformers.__version__, "torch": torch.__version__}
 
-    def load_weights(self, alpha: float) -> None:
-        self.weights.update(alpha)
+    def load_weights(self, alpha: float) -> dict[str, int]:
+        """theta(alpha) into the model; returns {tensor: NaN/Inf count} of the tensors that hold any."""
+        return self.weights.update(alpha)
+
+    def check_lengths(self, texts: list[str], max_new_tokens: int) -> None:
+        """Refuses (OptionError, one line) a rendered prompt with no tokens, and a longest prompt that with
+        max_new_tokens would go beyond the model's positions: call it before the first evaluation."""
+        counts = [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+        check_prompt_lengths(counts, max_new_tokens, position_limit(self.model.config))
+
+    def generation_settings(self, sampling: Sampling) -> dict:
+        """The GenerationConfig that generate() is given, as a dict: sampling plus the eos and pad ids, nothing else
+        (transformers' global defaults fill the rest, and with the model's own config replaced they change nothing:
+        no repetition penalty, n-gram ban, minimum length or suppressed tokens)."""
+        greedy = sampling.temperature <= 0
+        return self.base | {"max_new_tokens": sampling.max_new_tokens, "num_return_sequences": sampling.samples,
+                            "do_sample": not greedy} | ({} if greedy else {
+            "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k})
+
+    def generation_record(self, sampling: Sampling | None = None) -> dict:
+        """Every setting that generation applies, JSON-able, for the search's record and resume key: the eos and
+        pad ids, the logits processors (in order), the reseeding, the library versions, the checkpoint's
+        generation-config keys that were ignored (set there to a value that generation does not use) and, with
+        `sampling`, the exact GenerationConfig given to generate()."""
+        out = {"backend": self.name, "eos_token_id": self.eos, "pad_token_id": self.pad,
+               "ignored_generation_config": self.ignored,
+               "logits_processors": ["nonfinite: a row whose logits hold NaN/Inf takes end-of-sequence, flagged",
+                                     "presence and frequency penalties on the generated tokens (OpenAI's)"],
+               "reseed": "torch.manual_seed(seed + batch) before each batch", "padding": "left",
+               "versions": self.versions}
+        if sampling is not None:
+            out["generate"] = self.generation_settings(sampling)
+            out["presence_penalty"], out["frequency_penalty"] = sampling.presence_penalty, sampling.frequency_penalty
+        return out
 
     def render(self, prompt: str | None, messages: list | None, chat_template: bool) -> str:
         return render(self.tokenizer, prompt, messages, chat_template)
 
     def generate(self, texts: list[str], sampling: Sampling,
                  on_batch: Callable[[int], None] | None = None) -> list[list[Response]]:
-        """`sampling.samples` responses per text, in batches of `sampling.batch_size` texts."""
+        """`sampling.samples` responses per text, in batches of `sampling.batch_size` texts. A response whose
+        logits were NaN/Inf at some step ends there (with end-of-sequence) and is flagged `nonfinite`."""
         import torch
+        from transformers import GenerationConfig
 
-        eos = self.model.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [eos if eos is not None else self.tokenizer.eos_token_id])
-        pad = self.tokenizer.pad_token_id
+        self.check_lengths(texts, sampling.max_new_tokens)
+        config = GenerationConfig(**self.generation_settings(sampling))
+        eos, pad = set(self.eos), self.pad
         out: list[list[Response]] = []
         for b, start in enumerate(range(0, len(texts), sampling.batch_size)):
             batch = texts[start:start + sampling.batch_size]
             enc = self.tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+            prompt_len = enc["input_ids"].shape[1]
+            guard = _NonFinite(prompt_len, self.eos or [pad])
             torch.manual_seed(sampling.seed + b)  # the same random numbers for every alpha: paired comparisons
             with torch.no_grad():
-                ids = self.model.generate(
-                    **enc, do_sample=sampling.temperature > 0, temperature=sampling.temperature or None,
-                    top_p=sampling.top_p, top_k=sampling.top_k, max_new_tokens=sampling.max_new_tokens,
-                    num_return_sequences=sampling.samples, pad_token_id=pad,
-                    logits_processor=[_Penalties(enc["input_ids"].shape[1], sampling.presence_penalty,
-                                                 sampling.frequency_penalty)])
-            new = ids[:, enc["input_ids"].shape[1]:].tolist()
+                # the guard first, so that it sees the model's own logits and hands the others finite ones
+                ids = self.model.generate(**enc, generation_config=config, logits_processor=[
+                    guard, _Penalties(prompt_len, sampling.presence_penalty, sampling.frequency_penalty)])
+            new = ids[:, prompt_len:].tolist()
+            flags = guard.flags(len(new))
             for k in range(len(batch)):
-                rows = new[k * sampling.samples:(k + 1) * sampling.samples]
-                out.append([self._response(row, eos, pad, sampling.max_new_tokens) for row in rows])
+                rows = range(k * sampling.samples, (k + 1) * sampling.samples)
+                out.append([self._response(new[r], eos, pad, sampling.max_new_tokens, flags[r]) for r in rows])
             if on_batch:
                 on_batch(min(start + sampling.batch_size, len(texts)))
         return out
 
-    def _response(self, row: list[int], eos: set, pad, limit: int) -> Response:
+    def _response(self, row: list[int], eos: set, pad, limit: int, nonfinite: bool = False) -> Response:
         end = next((i for i, t in enumerate(row) if t in eos), None)
         kept = row if end is None else row[:end]
         if end is None:
@@ -132,7 +230,7 @@ class TransformersBackend:
                 kept = kept[:-1]
         text = self.tokenizer.decode(kept, skip_special_tokens=True)
         tokens = len(kept) + (end is not None)
-        return Response(text, tokens, end is None and len(row) >= limit)
+        return Response(text, tokens, end is None and len(row) >= limit, nonfinite)
 
 
 def transformers_placement(model, aligned: Checkpoint, state: dict) -> dict[str, tuple[str, int]]:
@@ -190,6 +288,33 @@ def transformers_placement(model, aligned: Checkpoint, state: dict) -> dict[str,
     return placed
 
 
+class _NonFinite:
+    """A transformers LogitsProcessor, run first: a row whose logits hold NaN or Inf is recorded, unless it has
+    already ended (its later steps are padding), and its step is made end-of-sequence (every other logit -inf), so
+    sampling never sees a NaN and the response ends there."""
+
+    def __init__(self, prompt_len: int, eos: list[int]):
+        self.prompt_len, self.eos, self.bad = prompt_len, eos, None
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        broken = ~torch.isfinite(scores).all(dim=1)
+        if self.bad is None:
+            self.bad = torch.zeros_like(broken)
+        if not broken.any():
+            return scores
+        generated = input_ids[:, self.prompt_len:]
+        ended = torch.isin(generated, torch.tensor(self.eos, device=generated.device)).any(dim=1)
+        self.bad |= broken & ~ended
+        safe = torch.full_like(scores, -math.inf)
+        safe[:, self.eos[0]] = 0.0
+        return torch.where(broken[:, None], safe, scores)
+
+    def flags(self, rows: int) -> list[bool]:
+        return self.bad.tolist() if self.bad is not None else [False] * rows
+
+
 class _Penalties:
     """Presence and frequency penalties on the tokens generated so far (not the prompt's), as OpenAI and vLLM
     define them; a transformers LogitsProcessor."""
@@ -214,7 +339,7 @@ class VllmBackend:
 
     name = "vllm"
 
-    def __init__(self, sft: Checkpoint, aligned: Checkpoint, device, chunk_bytes: int):
+    def __init__(self, sft: Checkpoint, aligned: Checkpoint, device, chunk_bytes: int, drop=()):
         try:
             import torch
             from vllm import LLM
@@ -223,19 +348,44 @@ class VllmBackend:
                               "--backend transformers runs anywhere") from None
         if not torch.cuda.is_available():
             raise OptionError("--backend vllm needs a CUDA GPU; use --backend transformers here")
-        self.sft, self.aligned, self.chunk_bytes = sft, aligned, chunk_bytes
+        self.sft, self.aligned, self.chunk_bytes, self.drop = sft, aligned, chunk_bytes, tuple(drop or ())
         self.llm = LLM(model=aligned.path, dtype="auto", tensor_parallel_size=torch.cuda.device_count(),
                        enable_prefix_caching=True)
         self.tokenizer = self.llm.get_tokenizer()
 
-    def load_weights(self, alpha: float) -> None:
+    def load_weights(self, alpha: float) -> dict[str, int]:
         from .weights import stream_tensors
 
+        nonfinite: dict[str, int] = {}
+
         def sink(name, tensor):
+            bad = int((~tensor.isfinite()).sum()) if tensor.is_floating_point() else 0
+            if bad:
+                nonfinite[name] = bad
             self.llm.collective_rpc(_load_one, args=(name, tensor.cuda()))
 
-        stream_tensors(self.sft, self.aligned, alpha, sink, self.chunk_bytes)
+        stream_tensors(self.sft, self.aligned, alpha, sink, self.chunk_bytes, drop=self.drop)
         self.llm.reset_prefix_cache()
+        return nonfinite
+
+    def check_lengths(self, texts: list[str], max_new_tokens: int) -> None:
+        from transformers import AutoConfig
+
+        counts = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+        check_prompt_lengths(counts, max_new_tokens, position_limit(AutoConfig.from_pretrained(self.aligned.path)))
+
+    def generation_record(self, sampling: Sampling | None = None) -> dict:
+        """What vLLM is given: explicit SamplingParams per prompt (seed + prompt index). vLLM applies the
+        checkpoint's generation_config only as defaults when no SamplingParams are given. It reports no
+        non-finite logits: `nonfinite` stays False (untested, see docs/search.md)."""
+        out = {"backend": self.name, "nonfinite_check": False}
+        if sampling is not None:
+            out["sampling_params"] = {"n": sampling.samples, "temperature": sampling.temperature,
+                                      "top_p": sampling.top_p, "top_k": sampling.top_k or -1,
+                                      "presence_penalty": sampling.presence_penalty,
+                                      "frequency_penalty": sampling.frequency_penalty,
+                                      "max_tokens": sampling.max_new_tokens, "seed": "seed + prompt index"}
+        return out
 
     def render(self, prompt: str | None, messages: list | None, chat_template: bool) -> str:
         return render(self.tokenizer, prompt, messages, chat_template)
@@ -259,10 +409,13 @@ def _load_one(worker, name, tensor):
     worker.model_runner.model.load_weights(weights=[(name, tensor)])
 
 
-def open_backend(name: str, sft: Checkpoint, aligned: Checkpoint, device, chunk_bytes: int):
+def open_backend(name: str, sft: Checkpoint, aligned: Checkpoint, device, chunk_bytes: int, drop=()):
+    """The inference backend `name`, loaded from the aligned checkpoint; `drop`: the --drop patterns (tensors the
+    weights update leaves alone)."""
     if name not in BACKENDS:
         raise OptionError(f"--backend must be one of {', '.join(BACKENDS)}, not {name!r}")
     started = time.monotonic()
-    backend = (TransformersBackend if name == "transformers" else VllmBackend)(sft, aligned, device, chunk_bytes)
+    backend = (TransformersBackend if name == "transformers" else VllmBackend)(sft, aligned, device, chunk_bytes,
+                                                                               drop=drop)
     backend.load_seconds = time.monotonic() - started
     return backend
