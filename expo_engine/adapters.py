@@ -4,7 +4,16 @@
     theta_aligned - theta_sft = s * B @ A        (s = lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA)
     theta_expo = theta_sft + (1 + alpha) * s * B @ A
 
-and the modules the adapter saved whole (`modules_to_save`) are the aligned tensors themselves.
+and the modules the adapter saved whole (`modules_to_save`) are the aligned tensors themselves. LoRA on an embedding
+(`lora_embedding_A/B`) is the same product, transposed.
+
+What the aligned model is follows PEFT's own model with the adapter loaded:
+- an initialisation that changes the base weights (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ) makes an adapter relative to
+  those changed weights, not to the SFT model: refused, with how to convert it to plain LoRA (`check_init`);
+- a targeted embedding or head saves a copy of its base weight (`X.base_layer.weight`); it must equal the SFT's;
+- with tied embeddings (the SFT checkpoint holds no `lm_head.weight`), an adapter that changes the head or the
+  embedding changes only that one in PEFT's model, unless it ties its own changes (`ensure_weight_tying`): the
+  output is then untied, its head written out (`Adapter.untied`, config.json's tie_word_embeddings false).
 
 - `open_adapter` checks the adapter against the SFT checkpoint (type, options, every tensor's shape) before
   anything is read, and describes the aligned side as a checkpoint: the SFT's tensors, with the saved modules'
@@ -19,16 +28,17 @@ and the modules the adapter saved whole (`modules_to_save`) are the aligned tens
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import dtypes, kernels
 from .errors import FormatError, MismatchError, SourceError
-from .naming import listing
+from .naming import classify, listing
 from .plan import Plan
 from .reading import Inputs
 from .sources import Checkpoint, TensorSlot, read_safetensors_layout
@@ -58,18 +68,123 @@ class Lora:
 class Adapter:
     path: str
     config: dict
-    loras: dict[str, Lora]  # by the weight's name in the SFT checkpoint
-    saved: dict[str, TensorSlot]  # modules_to_save: their tensors, by name
+    loras: dict[str, Lora]  # by the weight's name in `sft`
+    saved: dict[str, TensorSlot]  # modules_to_save: their tensors, by the name in `sft` they replace
     aligned: Checkpoint  # the aligned side as the engine plans it
+    sft: Checkpoint  # the SFT side as the engine plans it: the SFT's tensors, with the head written out when untied
+    saved_as: dict[str, str] = field(default_factory=dict)  # adapter file name -> SFT name, of every saved module
+    untied: tuple[str, str] | None = None  # (head, embedding): the output unties them (tie_word_embeddings false)
+    notes: tuple[str, ...] = ()  # what the user should be told (the untying)
+    record: dict = field(default_factory=dict)  # for expo.json
 
 
 def _fail(path: str, why: str) -> MismatchError:
     return MismatchError(f"{path}: {why}; nothing was written")
 
 
+# init_lora_weights values after which the saved adapter is relative to base weights its initialisation changed
+# (PEFT subtracts the initial B @ A, or a quantisation error, from the base), by prefix, with their names
+MUTATING_INITS = {"pissa": "PiSSA", "olora": "OLoRA", "corda": "CorDA", "lora_ga": "LoRA-GA", "loftq": "LoftQ"}
+# values that leave the base weights as they are (B @ A = 0 at the start, or nothing assumed)
+PLAIN_INITS = {"gaussian", "eva", "orthogonal", "mica", "true", "false"}
+
+
+def check_init(path: str, cfg: dict) -> None:
+    """Refuse an adapter whose initialisation changed the base weights it was trained on (PiSSA, OLoRA, CorDA,
+    LoRA-GA, LoftQ): merged onto the SFT model as plain LoRA it gives a wrong model (logits off by ~9 at alpha 0 on a
+    tiny Llama). PEFT converts the first four into a plain LoRA adapter of twice the rank (save_pretrained with
+    `path_initial_model_for_weight_conversion`), which expo takes; LoftQ's base is a quantised copy."""
+    init = cfg.get("init_lora_weights", True)
+    value = str(init).lower()
+    kind = next((name for key, name in MUTATING_INITS.items() if value.startswith(key)), None)
+    if kind is None and cfg.get("loftq_config"):
+        kind, init = "LoftQ", f"{init!r} with loftq_config {cfg['loftq_config']!r}"
+    elif kind is not None:
+        init = repr(init)
+    if kind == "LoftQ":
+        raise _fail(path, f"a LoftQ adapter (init_lora_weights {init}) is relative to a quantised copy of its base, "
+                          "not to --sft, and PEFT cannot convert it to plain LoRA; merge it into that base with PEFT "
+                          "and pass the merged model as --aligned")
+    if kind is not None:
+        article = "an" if kind[0] in "AEIOU" else "a"
+        raise _fail(path, f"{article} {kind} adapter (init_lora_weights {init}) is relative to base weights its "
+                          "initialisation changed, not to --sft, so it cannot be merged as plain LoRA; save it with "
+                          "PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=<the adapter saved "
+                          "before training>) to get the equivalent plain LoRA adapter (init_lora_weights true, twice "
+                          "the rank), and pass that")
+    if value not in PLAIN_INITS:
+        raise _fail(path, f"init_lora_weights {init!r} is an initialisation expo does not know; it may have changed "
+                          "the base weights, so the adapter is not merged (known: True, False, "
+                          f"{', '.join(sorted(PLAIN_INITS - {'true', 'false'}))})")
+
+
+HEAD = "lm_head.weight"  # the output head's name in transformers' causal LMs (Llama, Qwen2, GPT-2, Gemma, OPT, ...)
+
+
+def tied_embedding(sft: Checkpoint) -> str | None:
+    """The input embedding the SFT model's head is tied to, when its checkpoint holds no `lm_head.weight` and its
+    config does not say tie_word_embeddings false: the one 2-D embedding tensor (position embeddings left out) with
+    the config's vocab_size rows. None otherwise."""
+    if HEAD in sft.tensors:
+        return None
+    try:
+        with open(os.path.join(sft.path, "config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        cfg = {}
+    cfg = cfg if isinstance(cfg, dict) else {}
+    if cfg.get("tie_word_embeddings", True) is False:
+        return None
+    vocab = cfg.get("vocab_size")
+    names = [n for n, t in sft.tensors.items() if len(t.shape) == 2 and classify(n)[1] == "embed"
+             and not re.search(r"wpe|position", n) and (not isinstance(vocab, int) or t.shape[0] == vocab)]
+    return names[0] if len(names) == 1 else None
+
+
+def untie_config(data: bytes, path: str) -> bytes:
+    """config.json with tie_word_embeddings false (also in a nested text_config that has the key)."""
+    try:
+        cfg = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise FormatError(f"{path}: not valid JSON, so its tied embeddings cannot be untied ({e})") from None
+    if not isinstance(cfg, dict):
+        raise FormatError(f"{path}: is not a JSON object, so its tied embeddings cannot be untied")
+    cfg["tie_word_embeddings"] = False
+    if isinstance(cfg.get("text_config"), dict) and "tie_word_embeddings" in cfg["text_config"]:
+        cfg["text_config"]["tie_word_embeddings"] = False
+    return (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()
+
+
+def output_side_files(adapter: Adapter, side: dict[str, bytes]) -> dict[str, bytes]:
+    """The merged output's side files: config.json untied when the adapter unties the head from the embedding."""
+    if adapter.untied and "config.json" in side:
+        return side | {"config.json": untie_config(side["config.json"], os.path.join(adapter.sft.path,
+                                                                                     "config.json"))}
+    return side
+
+
+def _same_values(path: str, copy: TensorSlot, target: TensorSlot) -> bool:
+    """Whether the adapter's copy of a base weight holds the SFT tensor's values (compared in float32, which holds
+    bf16, fp16 and fp32 exactly), a block of rows at a time."""
+    import torch
+
+    inputs = Inputs([copy.file, target.file])
+    try:
+        rows = copy.shape[0] if copy.shape else 1
+        step = max(1, (16 << 20) // max(1, copy.numel // max(1, rows) * 4))
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            if not torch.equal(_read(inputs, copy, r0, r1), _read(inputs, target, r0, r1)):
+                return False
+    finally:
+        inputs.close()
+    return True
+
+
 def open_adapter(folder: str, sft: Checkpoint) -> Adapter:
-    """Read and check the LoRA adapter in `folder` against `sft`. Raises one clear error (nothing is read but the
-    config and the headers)."""
+    """Read and check the LoRA adapter in `folder` against `sft`. Raises one clear error. Nothing is read but the
+    configs, the headers and, where the adapter saved a copy of a base weight (a targeted embedding or head), that
+    copy and the SFT tensor it must equal."""
     path = os.path.abspath(os.path.expanduser(folder))
     try:
         with open(os.path.join(path, CONFIG_NAME), encoding="utf-8") as f:
@@ -87,6 +202,7 @@ def open_adapter(folder: str, sft: Checkpoint) -> Adapter:
     if on:
         raise _fail(path, f"the adapter uses {', '.join(on)}, which expo does not merge; only plain LoRA and "
                           "rsLoRA adapters are supported")
+    check_init(path, cfg)
     base = cfg.get("base_model_name_or_path")
     if base and os.path.isdir(os.path.expanduser(base)) and os.path.realpath(os.path.expanduser(base)) != \
             os.path.realpath(sft.path):
@@ -97,31 +213,74 @@ def open_adapter(folder: str, sft: Checkpoint) -> Adapter:
                           "safe_serialization=True)")
     slots = {s.name: s for s in read_safetensors_layout(weights)}
     pairs: dict[str, dict[str, TensorSlot]] = {}
-    saved, unknown = {}, []
+    embedding: set[str] = set()  # modules whose LoRA is an embedding's (lora_embedding_A/B): the change transposed
+    saved, copies, unknown = {}, {}, []
     for name, slot in slots.items():
         bare = name[len(PREFIX):] if name.startswith(PREFIX) else name
         m = re.fullmatch(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", bare)
-        if m:
-            pairs.setdefault(m.group(1), {})[m.group(2)] = slot
-        elif ".lora_embedding_" in bare or ".lora_magnitude_vector" in bare:
+        e = re.fullmatch(r"(.+)\.lora_embedding_([AB])(?:\.[^.]+)?", bare)
+        c = re.fullmatch(r"(.+)\.base_layer\.weight", bare)
+        if m or e:
+            module, ab = (m or e).group(1), (m or e).group(2)
+            pairs.setdefault(module + ".weight", {})[ab] = slot
+            if e:
+                embedding.add(module + ".weight")
+        elif c:
+            copies[c.group(1) + ".weight"] = slot  # PEFT saves the base weight of a targeted embedding or head
+        elif ".lora_magnitude_vector" in bare:
             unknown.append(name)
         else:
             saved[bare] = slot  # a module saved whole (modules_to_save)
     if unknown:
-        raise _fail(path, f"{listing(unknown)}: LoRA on embedding layers or DoRA magnitudes are not merged by expo")
+        raise _fail(path, f"{listing(unknown)}: DoRA magnitudes are not merged by expo")
+    saved_as = {PREFIX + n if PREFIX + n in slots else n: n for n in saved}
+
+    # Tied embeddings: in PEFT's model the adapter changes the head or the embedding it names, the other keeps the
+    # SFT's values; unless `ensure_weight_tying` tied the adapter's own changes (then its head and embedding entries
+    # are twins: one change, to the one tensor).
+    sft_plan, untied, notes, record = sft, None, [], {}
+    embed = tied_embedding(sft)
+    touched = set(pairs) | set(saved) | set(copies)
+    if embed and (HEAD in touched or embed in touched):
+        if cfg.get("ensure_weight_tying"):
+            for entries in (pairs, saved, copies):
+                if HEAD in entries:
+                    twin = entries.pop(HEAD)
+                    entries.setdefault(embed, twin)  # the embedding's own entry, where it has one, is the twin
+            saved_as = {k: (embed if v == HEAD else v) for k, v in saved_as.items()}
+            record = {"tied": {"head": HEAD, "embedding": embed, "note": "the adapter ties its changes of the two "
+                               "(ensure_weight_tying): the output keeps them tied, the change applied once, as in "
+                               "PEFT's model with the adapter loaded"}}
+        else:
+            head_slot = dataclasses.replace(sft.tensors[embed], name=HEAD)
+            sft_plan = dataclasses.replace(sft, tensors={**sft.tensors, HEAD: head_slot})
+            untied = (HEAD, embed)
+            changed = [n for n in (embed, HEAD) if n in pairs or n in saved]
+            what = " and ".join(f"{n} ({'LoRA' if n in pairs else 'saved whole'})" for n in changed)
+            notes.append(f"the adapter changes {what} of a model whose lm_head is tied to {embed}; as in PEFT's model, "
+                         f"the output unties them: {HEAD} is written out (from the SFT's {embed} and the adapter's "
+                         "change to it, if any) and config.json says tie_word_embeddings false"
+                         + ("; PEFT's merge_and_unload differs: it writes the change into the shared tensor, so both "
+                            "change" if any(n in pairs for n in changed) else ""))
+            record = {"untied": {"head": HEAD, "embedding": embed, "changed": changed,
+                                 "note": "tie_word_embeddings set false: in PEFT's model the adapter changes only "
+                                         "the tensors listed; the other keeps the SFT's values"}}
+    sft = sft_plan
+
     alpha_cfg, patterns = cfg.get("lora_alpha", 8), cfg.get("alpha_pattern") or {}
     rslora, transposed = bool(cfg.get("use_rslora")), bool(cfg.get("fan_in_fan_out"))
     loras, wrong = {}, []
-    for module, ab in pairs.items():
-        weight = module + ".weight"
+    for weight, ab in pairs.items():
+        module = weight[: -len(".weight")]
         if set(ab) != {"A", "B"}:
             wrong.append(f"{module} (lora_{'A' if 'A' not in ab else 'B'} missing)")
             continue
         a, b = ab["A"], ab["B"]
         target = sft.tensors.get(weight)
+        flip = transposed or weight in embedding  # an embedding's change is (B @ A)^T in PEFT
         r = a.shape[0] if len(a.shape) == 2 else -1
         want = (b.shape[0], a.shape[1]) if len(b.shape) == 2 and len(a.shape) == 2 else None
-        if want and transposed:
+        if want and flip:
             want = want[::-1]
         if target is None or want is None or b.shape[1] != r or tuple(target.shape) != want:
             wrong.append(f"{weight} (adapter {list(b.shape)} @ {list(a.shape)}, SFT "
@@ -132,19 +291,31 @@ def open_adapter(folder: str, sft: Checkpoint) -> Adapter:
             continue
         key = next((k for k in patterns if re.match(rf"(.*\.)?({k})$", module)), None)
         lora_alpha = patterns[key] if key is not None else alpha_cfg
-        loras[weight] = Lora(a, b, lora_alpha / (math.sqrt(r) if rslora else r), transposed)
+        loras[weight] = Lora(a, b, lora_alpha / (math.sqrt(r) if rslora else r), flip)
     for name, slot in saved.items():
         target = sft.tensors.get(name)
         if target is None or tuple(target.shape) != tuple(slot.shape):
             wrong.append(f"{name} (saved {list(slot.shape)}, SFT {list(target.shape) if target else 'none'})")
+    for name, slot in copies.items():
+        target = sft.tensors.get(name)
+        if target is None or tuple(target.shape) != tuple(slot.shape) or slot.dtype not in dtypes.FLOATS:
+            wrong.append(f"{name} (base copy {list(slot.shape)} {slot.dtype}, SFT "
+                         f"{list(target.shape) if target else 'none'})")
     if wrong:
+        hint = "" if embed or HEAD in sft.tensors or HEAD not in touched else (
+            f"; the SFT checkpoint holds no {HEAD} and does not tie it to one embedding (tie_word_embeddings)")
         raise _fail(path, f"{len(wrong)} adapter tensor(s) do not fit the SFT model ({listing(wrong)}): is it an "
-                          f"adapter for {sft.source}?")
+                          f"adapter for {sft.source}?{hint}")
     if not loras and not saved:
         raise _fail(path, f"{WEIGHTS_NAME} holds no LoRA tensors")
+    for name, slot in copies.items():  # PEFT loads this copy over the base weight: it must be the SFT's
+        if not _same_values(path, slot, sft.tensors[name]):
+            raise _fail(path, f"its copy of the base weight {name} ({slot.name}) differs from --sft's {name}: the "
+                              f"adapter was trained on another base (a resized vocabulary?); is it an adapter for "
+                              f"{sft.source}?")
     tensors = {n: saved.get(n, t) for n, t in sft.tensors.items()}
     aligned = Checkpoint(path, path, None, "lora adapter", (WEIGHTS_NAME, *sft.files), tensors, ())
-    return Adapter(path, cfg, loras, saved, aligned)
+    return Adapter(path, cfg, loras, saved, aligned, sft, saved_as, untied, tuple(notes), record)
 
 
 def _read(inputs, slot: TensorSlot, r0: int = 0, r1: int | None = None):
@@ -248,14 +419,15 @@ def write_scaled_adapter(adapter: Adapter, sft: Checkpoint, alpha: float, folder
     if cfg.get("alpha_pattern"):
         cfg["alpha_pattern"] = {k: v * factor for k, v in cfg["alpha_pattern"].items()}
     slots = read_safetensors_layout(os.path.join(adapter.path, WEIGHTS_NAME))
+    sft = adapter.sft  # with a tied head written out, where the adapter unties it
     inputs = Inputs([os.path.join(adapter.path, WEIGHTS_NAME)] + [sft.tensors[n].file for n in adapter.saved])
     tensors = {}
     try:
         for slot in slots:
             value = _read(inputs, slot).to(dtypes.TORCH[slot.dtype])
-            bare = slot.name[len(PREFIX):] if slot.name.startswith(PREFIX) else slot.name
-            if bare in adapter.saved and slot.dtype in dtypes.FLOATS:
-                s = _read(inputs, sft.tensors[bare]).to(dtypes.TORCH[sft.tensors[bare].dtype])
+            base = sft.tensors.get(adapter.saved_as.get(slot.name, ""))  # a module saved whole (or its tied twin)
+            if base is not None and slot.dtype in dtypes.FLOATS:
+                s = _read(inputs, base).to(dtypes.TORCH[base.dtype])
                 out = torch.empty_like(value)
                 kernels.extrapolate_chunk(out.view(-1), s.reshape(-1), value.reshape(-1), alpha)
                 value = out
@@ -274,6 +446,7 @@ def change_stats(adapter: Adapter, sft: Checkpoint, chunk_bytes: int) -> dict[st
     import torch
 
     out: dict[str, kernels.Stats] = {}
+    sft = adapter.sft  # with a tied head written out, where the adapter unties it
     inputs = Inputs([os.path.join(adapter.path, WEIGHTS_NAME)] + [sft.tensors[n].file for n in adapter.loras])
     try:
         for name, lora in adapter.loras.items():

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 from . import __version__, dtypes
-from .adapters import Adapter, is_adapter, open_adapter, run_lora_chunks
+from .adapters import Adapter, is_adapter, open_adapter, output_side_files, run_lora_chunks
 from .errors import Interrupted, NonFiniteError, OptionError
 from .executor import check_copies, execute_sweep, kept_units, scan_nonfinite
 from .kernels import Stats, native_kernel
@@ -305,6 +305,7 @@ def prepare(sft: str, aligned: str, alpha, out: str, *, sweep: bool = False, alp
     adapter = open_adapter(aligned, sft_ck) if is_adapter(aligned) else None
     if adapter and sweep:
         raise OptionError("an adapter as the aligned side runs one alpha at a time (no sweeps yet)")
+    sft_ck = adapter.sft if adapter else sft_ck  # with the head written out where the adapter unties it
     aligned_ck = adapter.aligned if adapter else open_checkpoint(aligned)
     targets = [os.path.join(out, sweep_folder(a)) for a in alphas] if sweep else [out]
     outs = tuple(check_output_path(t, [sft_ck.path, aligned_ck.path], overwrite) for t in targets)
@@ -316,6 +317,7 @@ def prepare(sft: str, aligned: str, alpha, out: str, *, sweep: bool = False, alp
     side = side_files(aligned_ck, config_dtype)
     if adapter:  # the SFT model's config and tokenizer, with the tokenizer files the adapter folder has
         side = side_files(sft_ck, config_dtype) | {k: v for k, v in side.items() if k != "config.json"}
+        side = output_side_files(adapter, side)  # config.json untied where the adapter unties the head
     return Job(plans, outs, sft_ck, aligned_ck, side, sweep, overwrite, adapter)
 
 
@@ -362,6 +364,8 @@ def _execute(job: Job, started: float, o: RunOptions) -> list[Summary]:
             if o.executor == "ray" or o.workers or o.ray_address:
                 raise OptionError("an adapter as the aligned side runs in this process (not on Ray yet)")
             kind, why = "local", "a LoRA adapter merged in this process: B @ A a row block at a time"
+            for note in job.adapter.notes:
+                say(note)
             dev, device_name = None, "cpu"
         else:
             kind, why = choose_executor(o.executor, plan, o.workers, o.ray_address,
@@ -416,6 +420,8 @@ def _execute(job: Job, started: float, o: RunOptions) -> list[Summary]:
         warnings = [check_finite(p, st, f, o.allow_nonfinite) for p, st, f in zip(plans, stagings, founds,
                                                                                 strict=True)]
         extra = ({"reads": done.reads} if done else {}) | (o.provenance or {})
+        if job.adapter and job.adapter.record:
+            extra["adapter"] = job.adapter.record
         if done and done.resumed_units:
             extra["resumed"] = {"units": done.resumed_units, "of": done.units,
                                 "note": "written by an earlier run that stopped, kept from its journal"}

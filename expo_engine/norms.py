@@ -189,6 +189,7 @@ def parameter_norms(sources: list[str], chunk_bytes: int = 64 * 2**20) -> list[P
             raise OptionError("a LoRA adapter is compared with its base model alone: expo norms BASE ADAPTER")
         base = open_checkpoint(sources[1 - adapters[0]])
         adapter = open_adapter(sources[adapters[0]], base)
+        base = adapter.sft  # the base as the adapter sees it: a tied head written out where the adapter unties it
         report = compare(base, adapter.aligned, chunk_bytes, skip=set(adapter.loras))
         report.tensors.update(change_stats(adapter, base, chunk_bytes))
         report.tensors = {n: report.tensors[n] for n in base.tensors if n in report.tensors}  # the model's order
