@@ -14,6 +14,7 @@ from . import __version__
 from .api import FORMULA, Job, Summary, SweepSummary, choose_executor, extrapolate, extrapolate_sweep, prepare
 from .errors import ExpoError, Interrupted, OptionError, OutputError
 from .plan import DEFAULT_MAX_SHARD_SIZE, Plan, parse_alphas
+from .rewards import DEFAULT_REWARD_TIMEOUT
 
 
 class _Parser(argparse.ArgumentParser):
@@ -168,7 +169,8 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="default %(default)s")
     se.add_argument("--samples", type=int, default=1, metavar="N", help="responses per prompt (default %(default)s)")
     se.add_argument("--seed", type=int, default=42, help="sampling seed (default %(default)s)")
-    se.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default %(default)s)")
+    se.add_argument("--temperature", type=_finite, default=0.7,
+                    help="sampling temperature, 0 for greedy decoding (default %(default)s)")
     se.add_argument("--batch-size", type=int, default=8, metavar="N", help="prompts per generate call (default "
                     "%(default)s)")
     se.add_argument("--backend", default="transformers", choices=("transformers", "vllm"),
@@ -176,7 +178,17 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default %(default)s)")
     se.add_argument("--no-chat-template", dest="chat_template", action="store_false",
                     help="give the prompts to the model as they are")
-    se.add_argument("--write-best", metavar="OUT", help="then write the best alpha's model to OUT (expo extrapolate)")
+    se.add_argument("--write-best", metavar="OUT", help="then write the best alpha's model to OUT (expo extrapolate; "
+                    "its output path and plan are checked before the first evaluation)")
+    se.add_argument("--overwrite", action="store_true",
+                    help="replace a report of a search with other inputs or settings (kept until the new search is "
+                         "complete) and a non-empty --write-best folder")
+    se.add_argument("--drop", action="append", default=[], metavar="PATTERN",
+                    help="leave tensors whose name matches this regex out, as expo extrapolate --drop does (e.g. the "
+                         "value head of an RLHF checkpoint: --drop '^v_head[.]'); repeatable")
+    se.add_argument("--reward-timeout", type=_positive, default=DEFAULT_REWARD_TIMEOUT, metavar="SECONDS",
+                    help="--reward-cmd: the longest the command may go without printing its next score before it "
+                         "(and every process it started) is killed (default %(default)g)")
     se.set_defaults(run=_run_search)
 
     doc = sub.add_parser("doctor", help="say whether the compiled kernel is built, current and used, and how "
@@ -334,7 +346,7 @@ def _run_search(args) -> int:
                     max_new_tokens=args.max_new_tokens, samples=args.samples, seed=args.seed,
                     backend=args.backend, device=args.device, write_best=args.write_best,
                     chat_template=args.chat_template, batch_size=args.batch_size, temperature=args.temperature,
-                    on_progress=say)
+                    overwrite=args.overwrite, drop=args.drop, reward_timeout=args.reward_timeout, on_progress=say)
     best = record["best"]
     print(f"expo search: {len(record['evaluations'])} evaluation(s); best alpha {best['alpha']:g} (reward "
           f"{best['reward_mean']:.4g} +- {best['reward_stderr']:.2g}, win rate vs aligned "

@@ -6,13 +6,14 @@ responses (`rewards`). alpha = 0 (the aligned model) is always evaluated first, 
 is compared with, pair by pair (same prompt, same sample, same random numbers).
 
 Choosing the alphas (`next_alpha`, a pure function of the evaluations so far, so a resumed search makes the same
-choices): a grid is evaluated as given; "auto" walks the coarse geometric sweep COARSE upward until the reward
-falls (or a response degenerates), then narrows the bracket around the best alpha by golden-section steps in
-log(alpha), within `budget` evaluations in all (the baseline included).
+choices): a grid is evaluated as given; "auto" walks the coarse ladder COARSE (and outward while its top is the
+best) to its end or its first degenerate alpha, whatever dips on the way, then narrows the bracket around the best
+alpha by golden-section steps in log(alpha), within `budget` evaluations in all (the baseline included).
 
 Degeneration (the paper: past the best alpha "sharp performance drops and abnormal response length increases"):
-an alpha whose share of responses cut by max_new_tokens exceeds the baseline's by more than TRUNCATION_JUMP, or
-whose mean length exceeds LENGTH_JUMP times the baseline's, is marked degenerate and is never chosen.
+an alpha whose share of responses cut by max_new_tokens exceeds the baseline's by more than TRUNCATION_JUMP, whose
+mean length exceeds LENGTH_JUMP times the baseline's, whose weights hold NaN/Inf, or whose logits were not finite,
+is marked degenerate (with the reason) and is never chosen.
 
 DIR holds `search.json` (rewritten after every evaluation: an interrupted search continues where it stopped when
 the same command runs again), `responses.jsonl`, and at the end `search.csv`, `search.md` and `search.png`.
@@ -32,10 +33,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .errors import OptionError, OutputError
+from .errors import NonFiniteError, OptionError, OutputError
 from .generation import BACKENDS, Response, Sampling, open_backend
 from .plan import check_alpha, parse_alphas
-from .rewards import Item, open_reward
+from .rewards import DEFAULT_REWARD_TIMEOUT, Item, open_reward
 from .sources import Checkpoint, open_checkpoint
 
 COARSE = (0.3, 1.0, 3.0, 10.0)  # the auto search's first sweep, after the baseline alpha = 0
@@ -59,8 +60,8 @@ class Prompt:
 def load_prompts(path: str) -> list[Prompt]:
     """JSONL with `prompt` (a string) or `messages` (a chat list) per line, or a text file of one prompt a line."""
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = [line.rstrip("\n") for line in f]
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a UTF-8 byte-order mark is not part of line 1
+            lines = [line.rstrip("\r\n") for line in f]
     except (OSError, UnicodeDecodeError) as e:
         raise OptionError(f"--prompts {path}: cannot read it ({e})") from None
     lines = [line for line in lines if line.strip()]
@@ -100,15 +101,18 @@ class Evaluation:
     truncated_share: float
     degenerate: bool
     seconds: float
+    degenerate_why: str = ""  # why it is degenerate ("" when it is not); older records lack it
 
     def record(self) -> dict:
         return dataclasses.asdict(self)
 
 
 def evaluate(alpha: float, rewards: list[float], responses: list[Response], baseline: list[float] | None,
-             base: Evaluation | None, seconds: float) -> Evaluation:
+             base: Evaluation | None, seconds: float, nonfinite_weights: str = "") -> Evaluation:
     """The numbers of one alpha from its rewards and responses (flat, prompt-major, samples within), compared pair
-    by pair with the baseline's rewards (ties count half) and, for degeneration, with the baseline's lengths."""
+    by pair with the baseline's rewards (ties count half) and, for degeneration, with the baseline's lengths.
+    Non-finite weights (`nonfinite_weights` says which) or logits make any alpha degenerate, the baseline too:
+    its responses were cut short by overflow, so its rewards say nothing of the model."""
     n = len(rewards)
     mean = sum(rewards) / n
     stderr = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (n - 1) / n) if n > 1 else 0.0
@@ -116,13 +120,22 @@ def evaluate(alpha: float, rewards: list[float], responses: list[Response], base
     wins = sum(1.0 if r > b else 0.5 if r == b else 0.0 for r, b in zip(rewards, base_rewards, strict=True)) / n
     length = sum(r.tokens for r in responses) / n
     truncated = sum(r.truncated for r in responses) / n
-    degenerate = base is not None and (truncated > base.truncated_share + TRUNCATION_JUMP
-                                       or length > max(LENGTH_JUMP * base.mean_length, base.mean_length + 8))
-    return Evaluation(alpha, mean, stderr, wins, length, truncated, bool(degenerate), seconds)
+    why = []
+    if nonfinite_weights:
+        why.append(f"non-finite weights ({nonfinite_weights})")
+    broken = sum(bool(getattr(r, "nonfinite", False)) for r in responses)
+    if broken:
+        why.append(f"non-finite logits in {broken} of {n} response(s)")
+    if base is not None and truncated > base.truncated_share + TRUNCATION_JUMP:
+        why.append(f"{truncated:.0%} of responses truncated, {base.truncated_share:.0%} at alpha 0")
+    if base is not None and length > max(LENGTH_JUMP * base.mean_length, base.mean_length + 8):
+        why.append(f"mean length {length:.1f} tokens, {base.mean_length:.1f} at alpha 0")
+    return Evaluation(alpha, mean, stderr, wins, length, truncated, bool(why), seconds, "; ".join(why))
 
 
 def best_of(evals: dict[float, Evaluation]) -> Evaluation:
-    """The best non-degenerate evaluation (the baseline never is degenerate); the smaller alpha on a tie."""
+    """The best non-degenerate evaluation; the smaller alpha on a tie. (search() refuses a degenerate baseline, so
+    there always is one.)"""
     ok = [e for e in evals.values() if not e.degenerate]
     return max(ok, key=lambda e: (e.reward_mean, -e.alpha))
 
@@ -135,43 +148,61 @@ def _same(a: float, b: float) -> bool:
     return abs(a - b) <= 1e-3 * max(abs(a), abs(b))
 
 
+def ladder(evals: dict[float, Evaluation]) -> list[float]:
+    """The coarse ladder as far as `evals` (alpha >= 0) have walked it, plus its next point (last in the list) when
+    it goes on: COARSE, then x3 outward while its top is the best so far. It ends at its first degenerate point
+    (degeneration grows with alpha: above it there is nothing to choose), never at a mere decline, which noise or
+    a real dip (shorter responses at small alpha, longer and better ones after) can give."""
+    points: list[float] = []
+    for a in COARSE:
+        points.append(a)
+        if a not in evals:
+            return points
+        if evals[a].degenerate:
+            return points
+    while True:  # outward while the top is the best so far (or was, when the next point is already evaluated)
+        further = round(points[-1] * 3, 6)
+        if further not in evals and best_of(evals).alpha != points[-1]:
+            return points
+        points.append(further)
+        if further not in evals or evals[further].degenerate:
+            return points
+
+
 def next_alpha(evals: dict[float, Evaluation], grid: tuple[float, ...] | None, budget: int) -> float | None:
-    """The next alpha to evaluate, or None when the search is done. Deterministic in `evals`."""
+    """The next alpha to evaluate, or None when the search is done. Deterministic in `evals`.
+
+    auto: the baseline, the whole coarse ladder (`ladder`), then golden-section steps in log(alpha) around the best
+    non-degenerate alpha, each 0.382 of the way into the wider side of its bracket (the evaluated neighbours; a
+    degenerate neighbour bounds it too). Below the ladder's first point only when that point or alpha = 0 is the
+    best: the optimum can then lie in (0, 0.3), and alpha = 0 counts as a decade below its neighbour."""
     if 0.0 not in evals:
         return 0.0
     if grid is not None:
         return next((a for a in grid if a not in evals), None)
     if len(evals) >= budget:
         return None
-    # the coarse sweep, upward, until a point is worse than the best before it
-    best = evals[0.0]
-    for a in COARSE:
-        if a not in evals:
-            return a
-        if _score(evals[a]) < _score(best):
-            break
-        best = evals[a]
-    else:
-        top = max(evals)  # still rising at the end of the sweep: go on outward
-        if best_of(evals).alpha == top:
-            return round(top * 3, 6)
-    # a golden-section step into the larger side of the bracket around the best, in log(alpha); alpha = 0 counts
-    # as a decade below the best
+    # a report may hold a grid's negative alphas (interpolation): the auto strategy walks alpha >= 0 only
+    evals = {a: e for a, e in evals.items() if a >= 0}
+    points = ladder(evals)
+    if points[-1] not in evals:
+        return points[-1]
     b = best_of(evals).alpha
     above = [a for a in evals if a > b]
-    if not above:
-        return None
-    hi = min(above)
+    below = [a for a in evals if a < b]
     if b == 0.0:
-        candidate = GOLDEN * hi
+        candidates = [GOLDEN * min(above)] if above else []
     else:
-        lo = max(a for a in evals if a < b) or b / 10
-        far = hi if math.log(hi / b) >= math.log(b / lo) else lo
-        candidate = b * (far / b) ** GOLDEN
-    candidate = float(f"{candidate:.3g}")
-    if candidate < MIN_ALPHA or any(_same(candidate, a) for a in evals):
-        return None  # the bracket is as narrow as alpha is worth telling apart
-    return candidate
+        sides = [min(above)] if above else []
+        if below and (max(below) > 0 or b <= COARSE[0]):
+            sides.append(max(below) or b / 10)  # alpha = 0 counts as a decade below
+        # the wider side first; on a tie (the ladder's geometric steps), the side of the better neighbour
+        sides.sort(key=lambda far: (-round(abs(math.log(far / b)), 9), -_score(evals.get(far, evals[0.0]))))
+        candidates = [b * (far / b) ** GOLDEN for far in sides]
+    for c in (float(f"{c:.3g}") for c in candidates):
+        if c >= MIN_ALPHA and not any(_same(c, a) for a in evals):
+            return c
+    return None  # the bracket is as narrow as alpha is worth telling apart
 
 
 @dataclass(frozen=True)
@@ -182,18 +213,23 @@ class Settings:
     chat_template: bool
     backend: str
     device: str
+    drop: tuple[str, ...] = ()
 
     def record(self) -> dict:
         return {"sampling": dataclasses.asdict(self.sampling), "chat_template": self.chat_template,
-                "backend": self.backend, "device": self.device}
+                "backend": self.backend, "device": self.device} | ({"drop": list(self.drop)} if self.drop else {})
 
 
 def _identity(ck: Checkpoint) -> dict:
+    """What a search's results depend on in a checkpoint: its weight files (size and mtime: hashing them would
+    read the whole model again) and the sha256 of every side file (config, generation_config, tokenizer, chat
+    template), which are small and change without changing a size."""
     files = []
     for name in ck.files:
         st = os.stat(os.path.join(ck.path, name))
         files.append([name, st.st_size, st.st_mtime_ns])
-    return {"path": ck.path, "files": files}
+    side = [[name, _sha256(os.path.join(ck.path, name))] for name in ck.side_files]
+    return {"path": ck.path, "files": files, "side_files": side}
 
 
 def _sha256(path: str) -> str:
@@ -204,94 +240,149 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def check_sampling(temperature: float, samples: int, max_new_tokens: int, batch_size: int) -> None:
+    """One line for sampling options that cannot be honoured, before anything is loaded."""
+    if max_new_tokens < 1 or samples < 1 or batch_size < 1:
+        raise OptionError("--max-new-tokens, --samples and the batch size must be positive")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise OptionError(f"--temperature must be 0 (greedy decoding) or a positive number, not {temperature:g}")
+    if temperature == 0 and samples > 1:
+        raise OptionError(f"--temperature 0 is greedy decoding: every sample of a prompt would be the same response, "
+                          f"so --samples {samples} cannot be drawn; use --samples 1, or a temperature above 0")
+
+
+def check_report(report: str) -> str:
+    """The report folder's absolute path; refuses a path that is a file, lies inside one, or cannot be made."""
+    out = os.path.abspath(os.path.expanduser(report))
+    probe = out
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        where = "is a file" if probe == out else f"lies inside the file {probe}"
+        raise OutputError(f"--report {report} {where}; give a folder for the search's report")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"--report {report}: cannot create the folder ({e.strerror or e})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise OutputError(f"--report {report}: cannot write there; choose another folder")
+    return out
+
+
 def search(sft: str, aligned: str, prompts: str, report: str, *, reward_model: str | None = None,
            reward_fn: str | None = None, reward_cmd: str | None = None, alpha="auto", budget: int = DEFAULT_BUDGET,
            max_new_tokens: int = 512, samples: int = 1, seed: int = 42, backend: str = "transformers",
            device: str = "auto", write_best: str | None = None, chat_template: bool = True,
            batch_size: int = 8, temperature: float = 0.7, chunk_bytes: int = SEARCH_CHUNK_BYTES,
+           overwrite: bool = False, drop=(), reward_timeout: float | None = DEFAULT_REWARD_TIMEOUT,
            on_progress: Callable[[str], None] | None = None) -> dict:
     """Evaluate alphas with a reward signal and return the search record (what `DIR/search.json` holds):
     `{"evaluations": [...], "best": {...}, "inputs": {...}, "settings": {...}}`.
 
     `alpha`: "auto" (see the module docstring) or a grid (`0.1:0.5:0.1`, `0.1,0.3,1`, or a list of numbers); 0 is
     added as the baseline. `budget` caps the auto search's evaluations (the baseline included). Exactly one of
-    `reward_model`, `reward_fn`, `reward_cmd`. `write_best`: also write the best alpha's model there with
-    `extrapolate` (its expo.json records the search's digest). `on_progress` receives one line per step.
-    Evaluations already in `report` for the same inputs and settings are reused.
+    `reward_model`, `reward_fn`, `reward_cmd` (a command gets `reward_timeout` seconds per scoring call).
+    `write_best`: also write the best alpha's model there with `extrapolate` (its expo.json records the search's
+    digest); checked before the first evaluation. `drop`: tensors left out, as `expo extrapolate --drop` does.
+    `on_progress` receives one line per step.
+
+    Evaluations already in `report` for the same inputs and settings are reused. A report of a search with other
+    inputs or settings is kept unless `overwrite`; with it, the new search runs beside the old report (in
+    `report/.expo-search-new`) and replaces it only once complete.
     """
     say = on_progress or (lambda line: None)
     grid = _grid(alpha)
     if grid is None and budget < 2:
         raise OptionError("--budget must be at least 2 (the baseline alpha = 0 and one more)")
-    if max_new_tokens < 1 or samples < 1 or batch_size < 1:
-        raise OptionError("--max-new-tokens, --samples and the batch size must be positive")
+    check_sampling(temperature, samples, max_new_tokens, batch_size)
     if backend not in BACKENDS:
         raise OptionError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    drop = tuple(drop or ())
+    report = check_report(report)
     prompt_list = load_prompts(prompts)
     sft_ck, aligned_ck = open_checkpoint(sft), open_checkpoint(aligned)
+    if write_best:  # every check of the final write (output path, the plan), before hours of evaluations
+        from .api import prepare
+
+        prepare(sft, aligned, 0.0, write_best, overwrite=overwrite, drop=drop)
     from .gpu import resolve_device
 
     dev = resolve_device(device)
     sampling = Sampling(max_new_tokens=max_new_tokens, samples=samples, seed=seed, temperature=temperature,
                         batch_size=batch_size)
-    settings = Settings(sampling, chat_template, backend, dev.type)
-    reward = open_reward(reward_model, reward_fn, reward_cmd, dev)
-    reward_id = ({"model": _identity(open_checkpoint(reward_model))} if reward_model
-                 else {"function": reward_fn} if reward_fn else {"command": reward_cmd})
+    settings = Settings(sampling, chat_template, backend, dev.type, drop)
+    reward = open_reward(reward_model, reward_fn, reward_cmd, dev, timeout=reward_timeout)
     inputs = {"sft": _identity(sft_ck), "aligned": _identity(aligned_ck), "prompts": os.path.abspath(prompts),
-              "prompts_sha256": _sha256(prompts), "n_prompts": len(prompt_list), "reward": reward_id}
+              "prompts_sha256": _sha256(prompts), "n_prompts": len(prompt_list), "reward": reward.identity()}
     key = hashlib.sha256(json.dumps([inputs, settings.record()], sort_keys=True).encode()).hexdigest()
 
-    os.makedirs(report, exist_ok=True)
     with _locked(report):
-        evals, kept, note = _resume(report, key)
-        if note:
-            say(note)
+        work = _work_folder(report, key, overwrite)
+        evals, kept = _resume(work, key)
+        if work != report:
+            say(f"the search in {report} was for other inputs or settings (--overwrite): this one runs in {work} "
+                "and replaces it once complete")
         if evals:
-            say(f"resuming: {len(evals)} evaluation(s) already in {report} for these inputs and settings")
-        model = open_backend(backend, sft_ck, aligned_ck, dev, chunk_bytes)
+            say(f"resuming: {len(evals)} evaluation(s) already in {work} for these inputs and settings")
+        model = open_backend(backend, sft_ck, aligned_ck, dev, chunk_bytes, drop=drop)
         say(f"loaded {aligned_ck.source} with {backend} on {dev} in {model.load_seconds:.1f} s; "
             f"{len(prompt_list)} prompt(s) x {samples} sample(s), reward: {reward.describe}")
         texts = [model.render(None if p.messages else p.text, p.messages, chat_template) for p in prompt_list]
+        model.check_lengths(texts, max_new_tokens)
+        applied = model.generation_record(sampling)
         items_of = lambda responses: [Item(p.text, p.messages, r.text)  # noqa: E731
                                       for p, rs in zip(prompt_list, responses, strict=True) for r in rs]
         record = {}
         while (a := next_alpha(evals, grid, budget)) is not None:
             started = time.monotonic()
             step = len(evals) + 1
-            model.load_weights(a)
+            bad_weights = model.load_weights(a) or {}
             t_gen = time.monotonic()
             say(f"[{step}] alpha {a:g}: weights in place ({t_gen - started:.1f} s); generating {len(texts)} "
                 f"prompt(s) x {samples}")
             responses = model.generate(texts, sampling, on_batch=_throttled(say, step, a, len(texts), t_gen))
             t_score = time.monotonic()
             flat = [r for rs in responses for r in rs]
-            rewards = reward.score(items_of(responses))
-            base = evals.get(0.0)
-            ev = evaluate(a, rewards, flat, kept.get(0.0, rewards) if a else None, base,
-                          time.monotonic() - started)
+            rewards = reward.score(items_of(responses), on_progress=lambda line, step=step, a=a:
+                                   say(f"[{step}] alpha {a:g}: {line}"))
+            ev = evaluate(a, rewards, flat, kept.get(0.0, rewards) if a else None, evals.get(0.0),
+                          time.monotonic() - started, _listing_counts(bad_weights))
+            if a == 0.0 and ev.degenerate:
+                raise NonFiniteError(f"the aligned model itself (alpha 0) is unusable as the baseline: "
+                                  f"{ev.degenerate_why}; search needs an aligned model that generates")
             evals[a], kept[a] = ev, rewards
-            _append_responses(report, a, prompt_list, responses, rewards, samples)
-            record = _record(evals, inputs, settings, key, grid, budget)
-            _write_json(os.path.join(report, SEARCH_NAME), record)
+            _append_responses(work, a, prompt_list, responses, rewards, samples)
+            record = _record(evals, inputs, settings, key, grid, budget, applied)
+            _write_json(os.path.join(work, SEARCH_NAME), record)
             say(f"[{step}] alpha {a:g}: reward {ev.reward_mean:.4g} +- {ev.reward_stderr:.2g}, win rate vs aligned "
                 f"{ev.win_rate_vs_aligned:.2f}, mean length {ev.mean_length:.1f}, truncated "
-                f"{ev.truncated_share:.0%}{', DEGENERATE' if ev.degenerate else ''}; generated "
-                f"{sum(r.tokens for r in flat) / max(t_score - t_gen, 1e-9):.0f} tokens/s, scored in "
+                f"{ev.truncated_share:.0%}{f', DEGENERATE ({ev.degenerate_why})' if ev.degenerate else ''}; "
+                f"generated {sum(r.tokens for r in flat) / max(t_score - t_gen, 1e-9):.0f} tokens/s, scored in "
                 f"{time.monotonic() - t_score:.1f} s ({ev.seconds:.1f} s in all)")
-        record = record or _record(evals, inputs, settings, key, grid, budget)
-        _write_json(os.path.join(report, SEARCH_NAME), record)
+        record = (record or _record(evals, inputs, settings, key, grid, budget, applied)) | {"complete": True}
+        _write_json(os.path.join(work, SEARCH_NAME), record)
         del model, reward  # the model's memory goes back before the plot (matplotlib) and --write-best need theirs
-        write_reports(report, record)
+        write_reports(work, record)
+        if work != report:
+            _publish(work, report)
     if write_best:
         from .api import extrapolate
 
         digest = _sha256(os.path.join(report, SEARCH_NAME))
-        summary = extrapolate(sft, aligned, record["best"]["alpha"], write_best, provenance={"search": {
-            "report": os.path.abspath(os.path.join(report, SEARCH_NAME)), "sha256": digest,
-            "best": record["best"]}})
+        summary = extrapolate(sft, aligned, record["best"]["alpha"], write_best, overwrite=overwrite, drop=drop,
+                              provenance={"search": {"report": os.path.join(report, SEARCH_NAME), "sha256": digest,
+                                                     "best": record["best"]}})
         record["written"] = {"out": summary.out, "alpha": summary.alpha}
     return record
+
+
+def _listing_counts(counts: dict[str, int]) -> str:
+    """{tensor: NaN/Inf count} as 'N element(s) in T tensor(s): a (n), b (m), ...' ('' when empty)."""
+    if not counts:
+        return ""
+    shown = ", ".join(f"{name} ({n})" for name, n in list(counts.items())[:3])
+    more = f" and {len(counts) - 3} more" if len(counts) > 3 else ""
+    return f"{sum(counts.values())} NaN/Inf element(s) in {len(counts)} tensor(s): {shown}{more}"
 
 
 def _throttled(say: Callable[[str], None], step: int, alpha: float, total: int, started: float,
@@ -322,13 +413,15 @@ def _grid(alpha) -> tuple[float, ...] | None:
     return (0.0, *sorted({a for a in values if a != 0}))
 
 
-def _record(evals: dict[float, Evaluation], inputs: dict, settings: Settings, key: str, grid, budget: int) -> dict:
+def _record(evals: dict[float, Evaluation], inputs: dict, settings: Settings, key: str, grid, budget: int,
+            applied: dict) -> dict:
     best = best_of(evals)
     return {
         "evaluations": [evals[a].record() for a in sorted(evals)],
         "best": best.record(),
         "inputs": inputs,
         "settings": settings.record() | {"alpha": "auto" if grid is None else list(grid), "budget": budget,
+                                         "generation": applied,
                                          "degenerate_if": {"truncated_share_above_baseline_by": TRUNCATION_JUMP,
                                                            "mean_length_above_baseline_times": LENGTH_JUMP}},
         "key": key,
@@ -349,36 +442,96 @@ def _locked(report: str):
         os.close(fd)
 
 
-def _resume(report: str, key: str) -> tuple[dict[float, Evaluation], dict[float, list[float]], str]:
-    """The evaluations of an earlier search into `report` with the same key, and their rewards (from
-    responses.jsonl); responses of an alpha that search.json does not list (cut off by a kill) are dropped."""
-    path = os.path.join(report, SEARCH_NAME)
+NEW_FOLDER = ".expo-search-new"  # where a search replacing another's report runs until it is complete
+
+
+def _key_of(folder: str) -> str | None:
+    """The key of the search recorded in `folder`/search.json; None without a readable record."""
     try:
-        with open(path) as f:
+        with open(os.path.join(folder, SEARCH_NAME)) as f:
             old = json.load(f)
     except (OSError, ValueError):
-        old = None
-    if not isinstance(old, dict) or old.get("key") != key:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(report, RESPONSES_NAME))
-        note = (f"starting afresh: the search in {report} was for other inputs or settings; its report is replaced"
-                if isinstance(old, dict) else "")
-        return {}, {}, note
+        return None
+    return old.get("key") if isinstance(old, dict) else None
+
+
+def _work_folder(report: str, key: str, overwrite: bool) -> str:
+    """Where this search writes: `report` itself when it holds no other search (or this one's, to resume); else,
+    with `overwrite`, the folder beside the old report that replaces it at the end. Refuses without `overwrite`."""
+    old = _key_of(report)
+    if old is None or old == key:
+        with contextlib.suppress(FileNotFoundError):  # a replacement begun for other settings: abandoned
+            if _key_of(os.path.join(report, NEW_FOLDER)) != key:
+                _remove_tree(os.path.join(report, NEW_FOLDER))
+        if old is None:  # responses of a search that never recorded an evaluation: not this search's
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(report, RESPONSES_NAME))
+        return report
+    work = os.path.join(report, NEW_FOLDER)
+    if _key_of(work) == key and _complete(work) and not os.path.exists(os.path.join(work, RESPONSES_NAME)):
+        _publish(work, report)  # this search finished and was replacing the old report when it stopped
+        return report
+    if not overwrite:
+        raise OutputError(f"--report {report} holds a search with other inputs or settings (search.json's key "
+                          "differs); pass --overwrite to replace it (it is kept until the new search is complete), "
+                          "or choose another --report folder")
+    if _key_of(work) not in (None, key):
+        _remove_tree(work)
+    os.makedirs(work, exist_ok=True)
+    return work
+
+
+def _complete(folder: str) -> bool:
+    with open(os.path.join(folder, SEARCH_NAME)) as f:
+        return json.load(f).get("complete") is True
+
+
+def _remove_tree(folder: str) -> None:
+    import shutil
+
+    shutil.rmtree(folder)
+
+
+def _publish(work: str, report: str) -> None:
+    """Move a complete replacement's files over the old report's, responses.jsonl first and search.json last. A
+    search stopped in between leaves the rest in `work`, and the same command moves it (`_work_folder`)."""
+    order = [RESPONSES_NAME, "search.csv", "search.md", "search.png", SEARCH_NAME]
+    for name in order:
+        src = os.path.join(work, name)
+        if os.path.exists(src):
+            os.replace(src, os.path.join(report, name))
+        elif name != SEARCH_NAME:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(report, name))  # the old search's plot, say, when this one has none
+    _remove_tree(work)
+
+
+def _resume(work: str, key: str) -> tuple[dict[float, Evaluation], dict[float, list[float]]]:
+    """The evaluations of an earlier search into `work` with the same key, and their rewards (from
+    responses.jsonl); responses of an alpha that search.json does not list (cut off by a kill) are dropped."""
+    if _key_of(work) != key:
+        return {}, {}
+    with open(os.path.join(work, SEARCH_NAME)) as f:
+        old = json.load(f)
     evals = {float(e["alpha"]): Evaluation(**e) for e in old.get("evaluations", [])}
     kept: dict[float, list[float]] = {}
     lines = []
-    with contextlib.suppress(FileNotFoundError), open(os.path.join(report, RESPONSES_NAME)) as f:
+    with contextlib.suppress(FileNotFoundError), open(os.path.join(work, RESPONSES_NAME)) as f:
         for line in f:
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError, KeyError, TypeError):
                 rec = json.loads(line)
                 if float(rec["alpha"]) in evals:
                     kept.setdefault(float(rec["alpha"]), []).append(rec["score"])
                     lines.append(line)
     if set(kept) != set(evals):  # rewards lost: evaluate again what has none
         evals = {a: e for a, e in evals.items() if a in kept}
-    with open(os.path.join(report, RESPONSES_NAME), "w") as f:
+    tmp = os.path.join(work, RESPONSES_NAME + ".tmp")
+    with open(tmp, "w") as f:
         f.writelines(line for line in lines if float(json.loads(line)["alpha"]) in evals)
-    return evals, {a: kept[a] for a in evals}, ""
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(work, RESPONSES_NAME))
+    return evals, {a: kept[a] for a in evals}
 
 
 def _append_responses(report: str, alpha: float, prompts: list[Prompt], responses: list[list[Response]],

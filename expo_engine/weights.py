@@ -34,10 +34,24 @@ if TYPE_CHECKING:
     import torch
 
 
-def _plan(sft: Checkpoint, aligned: Checkpoint, alpha: float, chunk_bytes: int) -> Plan:
-    plan = make_plan(sft, aligned, alpha, chunk_bytes=chunk_bytes)
+def _plan(sft: Checkpoint, aligned: Checkpoint, alpha: float, chunk_bytes: int, drop=()) -> Plan:
+    plan = make_plan(sft, aligned, alpha, chunk_bytes=chunk_bytes, drop=drop)
     check_copies(plan)
     return plan
+
+
+# The exponent field of each float dtype, as an unsigned integer view: all ones is Inf or NaN.
+_EXPONENT = {"F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80), "F32": (np.uint32, 0x7F800000),
+             "F64": (np.uint64, 0x7FF0000000000000)}
+
+
+def count_nonfinite(data, dtype: str) -> int:
+    """How many elements of the raw bytes `data` (safetensors dtype `dtype`) are NaN or Inf; 0 for other dtypes."""
+    if dtype not in _EXPONENT:
+        return 0
+    kind, mask = _EXPONENT[dtype]
+    bits = np.frombuffer(data, dtype=kind)
+    return int(np.count_nonzero((bits & kind(mask)) == kind(mask)))
 
 
 class LiveWeights:
@@ -47,23 +61,31 @@ class LiveWeights:
     name, element offset)}: a part of a fused tensor, as an inference library's loader stacks MoE experts).
     Checked once, before any byte is read: every checkpoint tensor has its model tensor, of its shape (or room for
     it) and dtype (the output dtype `expo extrapolate` would write: the aligned tensor's), and every model tensor
-    that is not an alias of another is wholly covered. Raises MismatchError naming all that do not fit."""
+    that is not an alias of another is wholly covered. Raises MismatchError naming all that do not fit.
+    `drop`: the --drop patterns (tensors left out, as `expo extrapolate` leaves them out of its output)."""
 
     def __init__(self, sft: str | Checkpoint, aligned: str | Checkpoint, tensors: dict[str, torch.Tensor],
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, placement: dict[str, tuple[str, int]] | None = None):
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, placement: dict[str, tuple[str, int]] | None = None,
+                 drop=()):
         self.sft = sft if isinstance(sft, Checkpoint) else open_checkpoint(sft)
         self.aligned = aligned if isinstance(aligned, Checkpoint) else open_checkpoint(aligned)
-        self.chunk_bytes = chunk_bytes
-        plan = _plan(self.sft, self.aligned, 0.0, chunk_bytes)
+        self.chunk_bytes, self.drop = chunk_bytes, tuple(drop or ())
+        plan = _plan(self.sft, self.aligned, 0.0, chunk_bytes, self.drop)
         self.targets = _match(plan, tensors, placement or {})
         self.alpha: float | None = None
 
-    def update(self, alpha: float) -> None:
-        """Write theta(alpha) into the tensors, chunk by chunk. CUDA tensors receive each chunk with one copy."""
-        plan = _plan(self.sft, self.aligned, alpha, self.chunk_bytes)
+    def update(self, alpha: float) -> dict[str, int]:
+        """Write theta(alpha) into the tensors, chunk by chunk. CUDA tensors receive each chunk with one copy.
+        Returns {tensor name: NaN/Inf element count} of the tensors that hold any (an fp16 or bf16 overflow at a
+        large alpha, or NaN/Inf already in an input): such a model is not one to generate with."""
+        plan = _plan(self.sft, self.aligned, alpha, self.chunk_bytes, self.drop)
         views = {name: (_bytes_of(m), offset) for name, (m, offset) in self.targets.items()}
+        nonfinite: dict[str, int] = {}
 
         def write(t, c, data: memoryview, chunk_stats) -> None:
+            bad = count_nonfinite(data, t.dtype)
+            if bad:
+                nonfinite[t.name] = nonfinite.get(t.name, 0) + bad
             view, offset = views.get(t.name, (None, 0))
             if view is None:  # an alias of a tensor written under its other name
                 return
@@ -83,15 +105,16 @@ class LiveWeights:
         finally:
             inputs.close()
         self.alpha = alpha
+        return nonfinite
 
 
 def stream_tensors(sft: Checkpoint, aligned: Checkpoint, alpha: float, sink: Callable[[str, torch.Tensor], None],
-                   chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+                   chunk_bytes: int = DEFAULT_CHUNK_BYTES, drop=()) -> None:
     """theta(alpha) tensor by tensor: each tensor is assembled from its chunks in one reused host buffer and handed
     to `sink(name, tensor)` (valid only during the call) once complete, in the plan's order."""
     import torch
 
-    plan = _plan(sft, aligned, alpha, chunk_bytes)
+    plan = _plan(sft, aligned, alpha, chunk_bytes, drop)
     largest = max((t.nbytes for t in plan.tensors), default=0)
     buf = np.empty(max(largest, 1), dtype=np.uint8)
 

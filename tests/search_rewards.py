@@ -27,3 +27,8 @@ def broken(prompt: str, response: str) -> float:
 
 def not_a_number(prompt: str, response: str):
     return "high"
+
+
+def shorter_is_better(prompt: str, response: str) -> float:
+    """An empty response scores best: what a search must not be fooled by when overflow empties the responses."""
+    return -float(len(response.split()))

@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 
 import pytest
@@ -152,6 +153,44 @@ def test_auto_strategy_goes_on_outward_while_the_reward_rises():
     assert max(evals) > COARSE[-1] and len(evals) == 8
 
 
+def _dip_then_rise(a):
+    """Below the aligned model at small alpha (shorter responses), well above it around alpha 1."""
+    return 3.6 - 1.5 * (a / 0.3) * math.exp(1 - a / 0.3) + 2 * a * math.exp(1 - a)
+
+
+LANDSCAPES = {  # name: (reward(alpha), degenerate(alpha))
+    "unimodal at 0.5": (lambda a: 1 + (a / 0.5) * math.exp(1 - a / 0.5), lambda a: False),
+    "dip then rise": (_dip_then_rise, lambda a: False),
+    "rising until it degenerates at 5": (lambda a: 1 + a, lambda a: a >= 5),
+    "every alpha worse than 0": (lambda a: -a, lambda a: False),
+    "optimum at 20": (lambda a: (a / 20) * math.exp(1 - a / 20), lambda a: False),
+    "optimum at 0.1": (lambda a: 1 + (a / 0.1) * math.exp(1 - a / 0.1), lambda a: False),
+}
+
+
+@pytest.mark.parametrize("name", list(LANDSCAPES))
+def test_auto_strategy_on_known_landscapes(name):
+    """The default budget of 8 finds at least 90 % of the gain over alpha = 0 that the best non-degenerate alpha of
+    an exhaustive fine grid makes (all of it, i.e. alpha 0, when every alpha is worse), and never picks a
+    degenerate alpha. The dip: 0.3 is below alpha 0, yet the ladder goes on and finds the rise around 1."""
+    reward, degenerate = LANDSCAPES[name]
+    evals = _run_strategy(lambda a: (reward(a), degenerate(a)))
+    assert len(evals) <= 8 and not best_of(evals).degenerate
+    fine = [0.01 * 1.02**k for k in range(420)]  # 0.01 .. ~40
+    exhaustive = max(reward(a) for a in fine if not degenerate(a))
+    gain = max(exhaustive - reward(0), 0)
+    assert best_of(evals).reward_mean - reward(0) >= 0.9 * gain - 1e-12, (name, sorted(evals), best_of(evals))
+    if name == "dip then rise":
+        assert all(a >= 0.3 for a in evals if a), sorted(evals)  # nothing spent below the ladder's first point
+
+
+def test_auto_strategy_flat_within_noise_stays_in_budget():
+    """A flat landscape with noise: the ladder is walked whole (a decline is not an end), the budget holds."""
+    noise = lambda a: 1e-3 * math.sin(1e4 * a)  # noqa: E731
+    evals = _run_strategy(lambda a: (1.0 + noise(a), False))
+    assert len(evals) == 8 and all(a in evals for a in COARSE)
+
+
 def test_grid_strategy_is_the_grid_with_the_baseline_first():
     evals = _run_strategy(lambda a: (0.0, False), grid=(0.0, 0.5, 1.0))
     assert list(evals) == [0.0, 0.5, 1.0]
@@ -196,7 +235,7 @@ def test_search_grid_writes_the_record_and_its_reports(chat, tmp_path):
                  **FAST)
     assert [e["alpha"] for e in rec["evaluations"]] == [0.0, 0.5, 2.0]
     keys = {"alpha", "reward_mean", "reward_stderr", "win_rate_vs_aligned", "mean_length", "truncated_share",
-            "degenerate", "seconds"}
+            "degenerate", "seconds", "degenerate_why"}
     assert all(set(e) == keys for e in rec["evaluations"]) and set(rec["best"]) == keys
     ok = [e for e in rec["evaluations"] if not e["degenerate"]]
     assert rec["best"]["reward_mean"] == max(e["reward_mean"] for e in ok)
@@ -361,3 +400,191 @@ def test_vllm_backend_matches_the_extrapolated_checkpoint(chat, tmp_path):
 
     want = LLM(model=out).generate(texts, SamplingParams(max_tokens=6, temperature=0.0))
     assert [g[0].text for g in got] == [w.outputs[0].text for w in want]
+
+
+# --- issue 20: wrong choices, lost reports, one-line errors ---------------------------------------------------------
+
+def test_nonfinite_logits_or_weights_make_an_alpha_degenerate_and_never_best():
+    base = evaluate(0.0, [1.0, 1.0], [Response("x", 10, False)] * 2, None, None, 1.0)
+    broken = evaluate(9.0, [9.0, 9.0], [Response("", 0, False, nonfinite=True), Response("x", 10, False)],
+                      [1.0, 1.0], base, 1.0)
+    assert broken.degenerate and broken.degenerate_why == "non-finite logits in 1 of 2 response(s)"
+    overflow = evaluate(8.0, [9.0, 9.0], [Response("x", 10, False)] * 2, [1.0, 1.0], base, 1.0,
+                        nonfinite_weights="3 NaN/Inf element(s) in 1 tensor(s): lm_head.weight (3)")
+    assert overflow.degenerate and "non-finite weights (3 NaN/Inf" in overflow.degenerate_why
+    assert best_of({0.0: base, 9.0: broken, 8.0: overflow}).alpha == 0.0
+    assert base.degenerate_why == "" and not base.degenerate
+
+
+def test_auto_after_a_negative_grid_in_the_same_report():
+    """A report holding a grid's negative alphas (the best among them) and then `--alpha auto`: the strategy walks
+    alpha >= 0 and ends (it used to fail with `max() arg is an empty sequence`)."""
+    evals = {0.0: _ev(0.0, 1.0), -0.5: _ev(-0.5, 5.0)}
+    while (a := next_alpha(evals, None, 8)) is not None:
+        assert a > 0
+        evals[a] = _ev(a, 1.0 - a)
+    assert len(evals) <= 8 and best_of(evals).alpha == -0.5
+
+
+def test_prompts_with_a_byte_order_mark(tmp_path):
+    (tmp_path / "p.txt").write_bytes("\ufeffw10 w11\r\nw12\n".encode())
+    assert [p.text for p in load_prompts(str(tmp_path / "p.txt"))] == ["w10 w11", "w12"]
+    (tmp_path / "p.jsonl").write_bytes('\ufeff{"prompt": "w10"}\n{"prompt": "w11"}\n'.encode())
+    assert [p.text for p in load_prompts(str(tmp_path / "p.jsonl"))] == ["w10", "w11"]
+
+
+def _fp16_overflowing_pair(root):
+    """An fp16 chat pair whose lm_head has one element 60 apart: at alpha 2000 it overflows fp16 (|w| > 65504)."""
+    from helpers import llama_pair, save_model
+
+    sft, aligned = llama_pair(dtype=torch.float16, scale=0.05)
+    with torch.no_grad():
+        sft.lm_head.weight[5, 3] = 0.0
+        aligned.lm_head.weight[5, 3] = 60.0
+    folders = []
+    for model, name in ((sft, "sft"), (aligned, "aligned")):
+        folder = save_model(model, os.path.join(str(root), name))
+        tiny_tokenizer().save_pretrained(folder)
+        folders.append(folder)
+    return folders
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_search_never_chooses_an_overflowing_alpha(tmp_path, temperature):
+    """fp16 weights that overflow at a large alpha: no crash (sampling) and no empty 'best' (greedy): that alpha is
+    degenerate with its reason recorded, and --write-best writes a finite model."""
+    sft, aligned = _fp16_overflowing_pair(tmp_path)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("w10 w11\nw20\nw30 w31 w32\n")
+    rec = search(sft, aligned, str(prompts), str(tmp_path / "rep"), reward_fn="search_rewards:shorter_is_better",
+                 alpha="1,2000", temperature=temperature, write_best=str(tmp_path / "best"), **FAST)
+    bad = next(e for e in rec["evaluations"] if e["alpha"] == 2000)
+    assert bad["degenerate"] and "non-finite weights" in bad["degenerate_why"], bad
+    assert "lm_head.weight" in bad["degenerate_why"]
+    assert rec["best"]["alpha"] != 2000 and rec["written"]["alpha"] == rec["best"]["alpha"]
+    assert verify(str(tmp_path / "best"), sft, aligned).ok
+
+
+def _grid_search(chat, report, **kw):
+    sft, aligned, prompts = chat
+    return search(sft, aligned, prompts, str(report), **({"reward_fn": "search_rewards:count_w7", "alpha": "1"}
+                                                         | FAST | kw))
+
+
+def test_a_search_with_other_settings_keeps_the_old_report(chat, tmp_path):
+    """Other settings into an existing report: refused without --overwrite (the report untouched); with it, a run
+    killed part-way leaves the old report as it was; the same command then finishes and replaces it whole."""
+    from expo_engine import OutputError
+
+    sft, aligned, prompts = chat
+    rep = tmp_path / "rep"
+    _grid_search(chat, rep, seed=1)
+    before = snapshot(rep)
+    with pytest.raises(OutputError, match="holds a search with other inputs or settings.*pass --overwrite"):
+        _grid_search(chat, rep, seed=2)
+    assert snapshot(rep) == before
+    args = ["search", "--sft", sft, "--aligned", aligned, "--prompts", prompts, "--report", rep, "--alpha", "0.5,1",
+            "--max-new-tokens", "6", "--device", "cpu", "--batch-size", "3", "--seed", "2", "--overwrite",
+            "--reward-fn", "search_rewards:kill_after"]
+    env = {"PYTHONPATH": TESTS, "EXPO_TEST_KILL_COUNT": str(tmp_path / "count"), "EXPO_TEST_KILL_AFTER": "7"}
+    killed = expo_process(*args, env=env, cwd=tmp_path, timeout=300)
+    assert killed.returncode == -9, killed.stderr
+    assert {k: v for k, v in snapshot(rep).items() if not k.startswith(".expo-search-new")} == before
+    env["EXPO_TEST_KILL_AFTER"] = "0"
+    done = expo_process(*args, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert not os.path.exists(rep / ".expo-search-new")
+    fresh = tmp_path / "fresh"
+    want = _grid_search(chat, fresh, seed=2, alpha="0.5,1")  # count_w7: kill_after's scores, without the kill
+    got = json.load(open(rep / "search.json"))
+    strip = lambda r: [{k: v for k, v in e.items() if k != "seconds"} for e in r["evaluations"]]  # noqa: E731
+    assert strip(got) == strip(want) and got["settings"]["sampling"]["seed"] == 2 and got["complete"]
+    assert open(rep / "responses.jsonl").read() == open(fresh / "responses.jsonl").read()
+
+
+@pytest.mark.parametrize("edit", ["chat_template", "generation_config", "reward_source"])
+def test_the_resume_key_covers_what_changes_the_results(chat, tmp_path, edit):
+    """Editing the chat template, generation_config.json or the reward function's source is another search: it is
+    not resumed with the stale evaluations (it is refused without --overwrite)."""
+    from expo_engine import OutputError
+
+    sft, aligned, prompts = chat
+    work = tmp_path / "inputs"
+    shutil.copytree(os.path.dirname(aligned), work)
+    sft, aligned = str(work / "sft"), str(work / "aligned")
+    module = tmp_path / "mod"
+    module.mkdir()
+    (module / "myreward.py").write_text("def score(prompt, response):\n    return float(len(response))\n")
+    sys.path.insert(0, str(module))
+    try:
+        kw = dict(reward_fn="myreward:score", alpha="1", **FAST)
+        rep = str(tmp_path / "rep")
+        first = search(sft, aligned, prompts, rep, **kw)
+        assert search(sft, aligned, prompts, rep, **kw)["key"] == first["key"]  # unchanged: resumed
+        if edit == "chat_template":
+            cfg = json.load(open(os.path.join(aligned, "tokenizer_config.json")))
+            cfg["chat_template"] = "{% for m in messages %}w9 {{ m['content'] }} {% endfor %}w8"
+            json.dump(cfg, open(os.path.join(aligned, "tokenizer_config.json"), "w"))
+            for name in ("chat_template.jinja",):
+                if os.path.exists(os.path.join(aligned, name)):
+                    open(os.path.join(aligned, name), "w").write(cfg["chat_template"])
+        elif edit == "generation_config":
+            json.dump({"do_sample": True, "repetition_penalty": 3.0},
+                      open(os.path.join(aligned, "generation_config.json"), "w"))
+        else:
+            (module / "myreward.py").write_text("def score(prompt, response):\n    return -float(len(response))\n")
+        with pytest.raises(OutputError, match="holds a search with other inputs or settings"):
+            search(sft, aligned, prompts, rep, **kw)
+    finally:
+        sys.path.remove(str(module))
+        sys.modules.pop("myreward", None)
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--temperature", "0", "--samples", "3"], "--temperature 0 is greedy decoding"),
+    (["--temperature", "-1"], "--temperature must be 0 (greedy decoding) or a positive number, not -1"),
+    (["--report", "FILE"], "is a file; give a folder"),
+    (["--report", "FILE/inside"], "lies inside the file"),
+    (["--write-best", "FULL"], "exists and is not empty; pass --overwrite"),
+])
+def test_search_option_errors_are_one_line_before_any_evaluation(chat, tmp_path, capsys, extra, needle):
+    from helpers import run_expo
+
+    sft, aligned, prompts = chat
+    (tmp_path / "FILE").write_text("x")
+    (tmp_path / "FULL").mkdir()
+    (tmp_path / "FULL" / "keep.txt").write_text("x")
+    extra = [str(tmp_path / x) if x.startswith(("FILE", "FULL")) else x for x in extra]
+    args = ["search", "--sft", sft, "--aligned", aligned, "--prompts", prompts, "--report", str(tmp_path / "rep"),
+            "--reward-fn", "search_rewards:count_w7", "--alpha", "1", "--max-new-tokens", "4", "--device", "cpu"]
+    if "--report" in extra:
+        args = args[:args.index("--report")] + args[args.index("--report") + 2:]
+    rc, out, err = run_expo(capsys, *args, *extra)
+    assert_user_error(rc, err, needle)
+    assert "weights in place" not in err
+    assert (tmp_path / "FULL" / "keep.txt").read_text() == "x"
+
+
+def test_search_drops_a_value_head(tmp_path):
+    """A PPO checkpoint with a value head: expo search refuses it with a --drop suggestion, and with --drop it
+    searches (and --write-best leaves the head out, as expo extrapolate --drop does)."""
+    from safetensors.torch import load_file, save_file
+
+    from expo_engine import MismatchError
+
+    sft, aligned = chat_pair(tmp_path)
+    path = os.path.join(aligned, "model.safetensors")
+    state = load_file(path)
+    state["v_head.summary.weight"] = torch.randn(1, 32, dtype=torch.bfloat16)
+    save_file(state, path, metadata={"format": "pt"})
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("w10 w11\nw20\n")
+    with pytest.raises(MismatchError, match=r"--drop '\^v_head\[\.\]'"):
+        search(sft, aligned, str(prompts), str(tmp_path / "r0"), reward_fn="search_rewards:count_w7", alpha="1",
+               **FAST)
+    rec = search(sft, aligned, str(prompts), str(tmp_path / "rep"), reward_fn="search_rewards:count_w7", alpha="1",
+                 drop=["^v_head[.]"], write_best=str(tmp_path / "best"), **FAST)
+    assert rec["settings"]["drop"] == ["^v_head[.]"] and len(rec["evaluations"]) == 2
+    from helpers import load_output
+
+    assert "v_head.summary.weight" not in load_output(str(tmp_path / "best"))
