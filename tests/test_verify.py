@@ -218,3 +218,31 @@ def test_shard_metadata_must_say_format_pt(out, metadata):
     _rehash(out, shard)
     report = verify(out)
     assert len(report.problems) == 1 and _mentions(report, shard, "__metadata__", "'pt'"), report.problems
+
+
+def test_an_adapter_as_a_source_is_one_clear_line(tmp_path, capsys):
+    """`expo verify OUT --sft BASE --aligned ADAPTER` (an adapter merge): one line saying that verify takes full
+    checkpoints and how an adapter merge is checked, not "no weights found"; `expo verify OUT` alone passes."""
+    from helpers import assert_user_error, llama_config, run_expo
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(llama_config()).to(torch.bfloat16)
+    base_dir, ad_dir = str(tmp_path / "base"), str(tmp_path / "adapter")
+    base.save_pretrained(base_dir)
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.05)
+    model.save_pretrained(ad_dir)
+    out = str(tmp_path / "out")
+    extrapolate(base_dir, ad_dir, ALPHA, out)
+    capsys.readouterr()
+    rc, _, err = run_expo(capsys, "verify", out, "--sft", base_dir, "--aligned", ad_dir)
+    assert_user_error(rc, err, f"--aligned {ad_dir} is a LoRA adapter", "expo verify OUT", "PEFT")
+    with pytest.raises(OptionError, match="is a LoRA adapter"):
+        verify(out, ad_dir, base_dir)
+    rc, printed, err = run_expo(capsys, "verify", out)
+    assert rc == 0 and f"verify {out}: OK" in printed, printed + err

@@ -183,3 +183,215 @@ def test_norms_of_a_resized_pair_compare_the_shared_rows(tmp_path):
         for key in ("fro", "relative", "max_abs"):
             assert got[key] == pytest.approx(want[key], rel=1e-12), (name, key)
     assert "compared on the 128 shared row(s); 8 row(s) only in the second are left out" in table(report)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Equal row counts: the tokenizers are consulted whenever both sides have one (issue 20, item 1)
+
+
+def _save_tokenizer(tok, folder: str, vocab_edit=None, added=()) -> None:
+    """Save the tiny tokenizer into `folder`, its tokenizer.json's vocabulary changed by `vocab_edit(vocab)` and
+    `added` ((content, id) pairs) appended to its added tokens."""
+    tok.save_pretrained(folder)
+    path = os.path.join(folder, "tokenizer.json")
+    with open(path) as f:
+        data = json.load(f)
+    if vocab_edit:
+        vocab_edit(data["model"]["vocab"])
+    data["added_tokens"] += [{"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": False, "special": True} for c, i in added]
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
+def _permuted_pair(root, order, tokenizers=("sft", "aligned"), rename=None, sft_added=()):
+    """SFT and aligned of 128 rows each; the aligned tokenizer holds SFT token i at id order[i], and its embedding
+    and head rows follow (aligned row order[i] is the aligned model's own row for token i). `rename`: {id: token} of
+    aligned ids whose string is replaced by one the SFT tokenizer lacks. `sft_added`: more (content, id) added tokens
+    of the SFT tokenizer. Returns (sft folder, aligned folder, sft state, aligned state as saved)."""
+    sft, aligned = llama_pair()
+    with torch.no_grad():
+        for name in ROWS:
+            w = aligned.get_parameter(name)
+            moved = torch.empty_like(w)
+            moved[torch.tensor(order)] = w
+            w.copy_(moved)
+
+    def permute(v):
+        by_id = {i: t for t, i in v.items()}
+        v.clear()
+        v.update({by_id[i]: order[i] for i in by_id})
+        for i, t in (rename or {}).items():
+            del v[next(k for k, j in v.items() if j == i)]
+            v[t] = i
+
+    folders = []
+    for model, side, edit, added in ((sft, "sft", None, sft_added), (aligned, "aligned", permute, ())):
+        folder = save_model(model, os.path.join(str(root), side))
+        if side in tokenizers:
+            _save_tokenizer(tiny_tokenizer(), folder, edit, added)
+        folders.append(folder)
+    return folders[0], folders[1], sft.state_dict(), aligned.state_dict()
+
+
+def _order(seed: int = 7) -> list[int]:
+    """A permutation of the word ids 4..127 (the special tokens stay where they are)."""
+    g = torch.Generator().manual_seed(seed)
+    return list(range(4)) + (torch.randperm(124, generator=g) + 4).tolist()
+
+
+def _reference_steps(got, sft_state, aligned_state, alpha, source) -> float:
+    """Worst distance of the vocabulary tensors from the float64 formula with aligned row j against SFT row
+    source[j] (the aligned value itself where source[j] is None), in output steps."""
+    from expo_engine.kernels import error_steps
+
+    worst = 0.0
+    for name in ROWS:
+        src = torch.tensor([0 if s is None else s for s in source])  # rows without one are masked out
+        keep = torch.tensor([s is not None for s in source])
+        o, a, s = got[name], aligned_state[name], sft_state[name][src]
+        worst = max(worst, error_steps(o[keep], s[keep], a[keep], alpha).max().item())
+        assert torch.equal(o[~keep], a[~keep]), name  # copied rows: the aligned values, bit for bit
+    return worst
+
+
+def test_a_reordered_vocabulary_of_the_same_size_is_matched_by_token_string(tmp_path, capsys):
+    order = _order()
+    sft, aligned, sft_state, aligned_state = _permuted_pair(tmp_path, order)
+    out = str(tmp_path / "out")
+    rc, printed, err = run_expo(capsys, "extrapolate", "--sft", sft, "--aligned", aligned, "--alpha", "0.5",
+                                "--out", out, "--chunk-mb", "0.001")
+    assert rc == 0, err
+    moved = sum(1 for i, j in enumerate(order) if i != j)
+    assert (f"vocabulary reordered (128 rows, matched by token string, {moved} row(s) at another id): "
+            "lm_head.weight, model.embed_tokens.weight: 128 row(s) extrapolated, 0 copied from the aligned model"
+            ) in printed + err
+    source = [None] * 128
+    for i, j in enumerate(order):
+        source[j] = i  # aligned row j holds SFT token i
+    got = load_output(out)
+    assert _reference_steps(got, sft_state, aligned_state, 0.5, source) <= 1
+    assert worst_steps(got, sft_state, aligned_state, 0.5, [n for n in got if n not in ROWS]) <= 1
+    want = _expected(sft_state, aligned_state, 0.5, source)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    with open(os.path.join(out, "expo.json")) as f:
+        rec = json.load(f)["vocab"]
+    assert (rec["matched"], rec["sft_rows"], rec["aligned_rows"], rec["rows_moved"], rec["rows_copied"]) == (
+        "by token string", 128, 128, moved, 0)
+    report = verify(out, sft, aligned)
+    assert report.ok, report.problems
+
+
+def test_verify_fails_an_output_made_by_id_from_a_reordered_vocabulary(tmp_path):
+    """The output made row k against row k (as expo did before it consulted the tokenizers at equal sizes: here made
+    from copies of the pair without tokenizers) fails verify against the pair with its tokenizers: verify takes the
+    row map from the sources, not from expo.json."""
+    import shutil
+
+    sft, aligned, _, _ = _permuted_pair(tmp_path, _order())
+    bare = []
+    for folder in (sft, aligned):
+        copy = folder + "-bare"
+        shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("tokenizer*", "chat_template*"))
+        bare.append(copy)
+    out = str(tmp_path / "by-id")
+    extrapolate(*bare, 0.5, out)
+    assert verify(out, *bare).ok  # against the sources it was made from, by id
+    report = verify(out, sft, aligned)
+    assert not report.ok
+    assert sorted(t for t, _, _ in report.failing_tensors) == sorted(ROWS)
+    assert any("records no vocabulary row map, but the sources' tokenizers match the rows of" in p
+               for p in report.problems), report.problems
+
+
+def test_the_same_tokens_at_the_same_ids_change_nothing(tmp_path):
+    """Equal sizes, tokenizers that agree id for id (or a tokenizer on one side only): no row map, no record."""
+    from expo_engine.api import prepare
+
+    same = list(range(128))
+    sft, aligned, _, _ = _permuted_pair(tmp_path / "same", same)
+    job = prepare(sft, aligned, 0.5, str(tmp_path / "out"))
+    assert job.plans[0].vocab is None and all(t.rows == () for t in job.plans[0].tensors)
+    sft, aligned, _, _ = _permuted_pair(tmp_path / "one-side", _order(), tokenizers=("aligned",))
+    assert prepare(sft, aligned, 0.5, str(tmp_path / "out")).plans[0].vocab is None
+
+
+def test_aligned_tokens_the_sft_tokenizer_lacks_are_copied_and_reported(tmp_path, capsys):
+    order = _order()
+    renamed = {order[50]: "<|im_start|>", order[51]: "<|im_end|>"}  # two SFT words renamed in the aligned tokenizer
+    sft, aligned, sft_state, aligned_state = _permuted_pair(tmp_path, order, rename=renamed)
+    out = str(tmp_path / "out")
+    rc, printed, err = run_expo(capsys, "extrapolate", "--sft", sft, "--aligned", aligned, "--alpha", "0.5",
+                                "--out", out)
+    assert rc == 0, err
+    assert ("2 aligned token(s) the SFT tokenizer lacks, copied): lm_head.weight, model.embed_tokens.weight: 126 "
+            "row(s) extrapolated, 2 copied from the aligned model") in printed + err
+    source = [None] * 128
+    for i, j in enumerate(order):
+        source[j] = None if j in renamed else i
+    assert _reference_steps(load_output(out), sft_state, aligned_state, 0.5, source) <= 1
+    with open(os.path.join(out, "expo.json")) as f:
+        rec = json.load(f)["vocab"]
+    assert rec["rows_copied"] == 2 and rec["rows_new_tokens"] == 2
+    assert verify(out, sft, aligned).ok
+
+
+def test_a_token_at_two_sft_ids_is_ambiguous_and_refused(tmp_path):
+    """The SFT tokenizer holds w10 at id 10 and again (an added token) at id 127; the aligned one has w10 at another
+    id: which SFT row it means cannot be told."""
+    order = _order()
+    sft, aligned, _, _ = _permuted_pair(tmp_path, order, sft_added=[("w10", 127)])
+    with pytest.raises(MismatchError, match=r"holds token 'w10' at 2 ids \(10, 127\)") as e:
+        extrapolate(sft, aligned, 0.5, str(tmp_path / "out"))
+    assert "--vocab aligned-extends-sft" in str(e.value)
+    assert not os.path.exists(tmp_path / "out")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Added tokens in tokenizer_config.json's added_tokens_decoder (slow tokenizers; issue 20, item 9)
+
+
+def _slow_tokenizer_files(folder: str, added: list[str]) -> None:
+    """What a slow tokenizer saves: vocab.json (the base vocabulary) and tokenizer_config.json, whose
+    added_tokens_decoder lists the added tokens (no tokenizer.json, no added_tokens.json)."""
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3} | {f"w{i}": i for i in range(4, 128)}
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    decoder = {str(128 + k): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                              "single_word": False, "special": True} for k, t in enumerate(added)}
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"added_tokens_decoder": decoder, "model_max_length": 64}, f)
+
+
+def test_read_tokens_takes_added_tokens_decoder(tmp_path):
+    from expo_engine.vocab import read_tokens
+
+    _slow_tokenizer_files(str(tmp_path), ADDED)
+    tokens = read_tokens(str(tmp_path))
+    assert len(tokens) == 130 and tokens[127] == "w127" and tokens[128:] == ADDED
+
+
+def test_added_tokens_of_a_slow_tokenizer_are_rows_both_sides_hold(tmp_path, capsys):
+    """SFT: 128 + 2 added tokens (a fast tokenizer), 130 rows. Aligned: the same 2 plus a third, listed only in
+    tokenizer_config.json's added_tokens_decoder, 136 rows. Rows 128 and 129 mean the same tokens on both sides:
+    extrapolated, and counted so (130 extrapolated, 6 copied; not 128 and 8)."""
+    sft_model, aligned_model = llama_pair()
+    sft_model.resize_token_embeddings(130)
+    aligned_model.resize_token_embeddings(136)
+    sft = save_model(sft_model, str(tmp_path / "sft"))
+    aligned = save_model(aligned_model, str(tmp_path / "aligned"))
+    tok = tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ADDED})
+    tok.save_pretrained(sft)
+    _slow_tokenizer_files(aligned, [*ADDED, "<|pad|>"])
+    capsys.readouterr()
+    out = str(tmp_path / "out")
+    rc, printed, err = run_expo(capsys, "extrapolate", "--sft", sft, "--aligned", aligned, "--alpha", "0.5",
+                                "--out", out)
+    assert rc == 0, err
+    assert ("vocabulary resized (130 -> 136 rows, matched by id): lm_head.weight, model.embed_tokens.weight: 130 "
+            "row(s) extrapolated, 6 copied from the aligned model") in printed + err
+    sft_state, aligned_state = sft_model.state_dict(), aligned_model.state_dict()
+    source = list(range(130)) + [None] * 6
+    assert _reference_steps(load_output(out), sft_state, aligned_state, 0.5, source) <= 1
+    assert verify(out, sft, aligned).ok
