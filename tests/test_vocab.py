@@ -395,3 +395,20 @@ def test_added_tokens_of_a_slow_tokenizer_are_rows_both_sides_hold(tmp_path, cap
     source = list(range(130)) + [None] * 6
     assert _reference_steps(load_output(out), sft_state, aligned_state, 0.5, source) <= 1
     assert verify(out, sft, aligned).ok
+
+
+def test_verify_against_sources_without_their_tokenizers_uses_the_record(tmp_path):
+    """A resized output verified against copies of its sources that lost their tokenizers: the rows expo.json
+    records are checked, with a note saying so (the row map cannot be recomputed)."""
+    import shutil
+
+    sft, aligned, _, _ = _resized_pair(tmp_path, swap=True)
+    out = str(tmp_path / "out")
+    extrapolate(sft, aligned, 0.5, out)
+    bare = []
+    for folder in (sft, aligned):
+        shutil.copytree(folder, folder + "-bare", ignore=shutil.ignore_patterns("tokenizer*", "chat_template*"))
+        bare.append(folder + "-bare")
+    report = verify(out, *bare)
+    assert report.ok, report.problems
+    assert any("rows checked as expo.json records them" in n for n in report.notes), report.notes
