@@ -190,6 +190,8 @@ def match_rows(sft: Checkpoint, aligned: Checkpoint, names,
         (n_sft, n_aligned), = set(grown.values())
         tensors = [n for n in names if n in grown]
         return row_map(sft, aligned, n_sft, n_aligned, mode, tensors), tuple(tensors)
+    if same_tokenizer_files(sft.path, aligned.path):
+        return None, ()  # the same tokens at the same ids, without parsing them (once per plan: per alpha)
     sft_tokens, aligned_tokens = read_tokens(sft.path), read_tokens(aligned.path)
     if sft_tokens is None or aligned_tokens is None:
         return None, ()
@@ -203,6 +205,30 @@ def match_rows(sft: Checkpoint, aligned: Checkpoint, names,
     if mode == "aligned-extends-sft":
         return RowMap(rows, rows, ((0, rows, 0),), "as told"), tuple(tensors)
     return _by_string(sft_tokens, aligned_tokens, rows, rows, what), tuple(tensors)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "added_tokens.json", "tokenizer_config.json")
+
+
+def same_tokenizer_files(a: str, b: str) -> bool:
+    """True when the files `read_tokens` reads are byte for byte the same in folders `a` and `b` (both present or
+    both absent, and at least one present)."""
+    found = False
+    for name in TOKENIZER_FILES:
+        pa, pb = os.path.join(a, name), os.path.join(b, name)
+        if os.path.isfile(pa) != os.path.isfile(pb):
+            return False
+        if os.path.isfile(pa):
+            found = True
+            if os.path.getsize(pa) != os.path.getsize(pb):
+                return False
+            try:
+                with open(pa, "rb") as fa, open(pb, "rb") as fb:
+                    if fa.read() != fb.read():
+                        return False
+            except OSError:
+                return False  # let read_tokens say what is wrong
+    return found
 
 
 _POSITIONS = ("wpe", "position")  # embeddings by position, not by token: never matched by token string

@@ -312,6 +312,12 @@ def test_the_same_tokens_at_the_same_ids_change_nothing(tmp_path):
     sft, aligned, _, _ = _permuted_pair(tmp_path / "same", same)
     job = prepare(sft, aligned, 0.5, str(tmp_path / "out"))
     assert job.plans[0].vocab is None and all(t.rows == () for t in job.plans[0].tensors)
+    path = os.path.join(aligned, "tokenizer_config.json")  # other files (a new chat template), the same tokens
+    with open(path) as f:
+        config = json.load(f)
+    with open(path, "w") as f:
+        json.dump(config | {"chat_template": "{{ messages }}"}, f)
+    assert prepare(sft, aligned, 0.5, str(tmp_path / "out")).plans[0].vocab is None
     sft, aligned, _, _ = _permuted_pair(tmp_path / "one-side", _order(), tokenizers=("aligned",))
     assert prepare(sft, aligned, 0.5, str(tmp_path / "out")).plans[0].vocab is None
 
