@@ -15,6 +15,7 @@ from .api import FORMULA, Job, Summary, SweepSummary, choose_executor, extrapola
 from .errors import ExpoError, Interrupted, OptionError, OutputError
 from .plan import DEFAULT_MAX_SHARD_SIZE, Plan, parse_alphas
 from .rewards import DEFAULT_REWARD_TIMEOUT
+from .search import DEFAULT_HOLDOUT
 
 
 class _Parser(argparse.ArgumentParser):
@@ -164,6 +165,10 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument("--alpha", default="auto", metavar="auto|GRID",
                     help="auto (coarse sweep, then bracketing refinement; default) or a grid like 0.1:0.5:0.1 or "
                          "0.1,0.3,1")
+    se.add_argument("--holdout", type=_finite, default=DEFAULT_HOLDOUT, metavar="FRACTION",
+                    help="share of the prompts (a seeded draw) never used to choose alpha; the chosen alpha and "
+                         "alpha 0 are evaluated on them at the end, for an unbiased estimate of the gain (default "
+                         "%(default)g; 0 turns it off)")
     se.add_argument("--budget", type=int, default=8, metavar="N", help="evaluations of an auto search, the "
                     "baseline included (default %(default)s)")
     se.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="default %(default)s")
@@ -346,11 +351,16 @@ def _run_search(args) -> int:
                     max_new_tokens=args.max_new_tokens, samples=args.samples, seed=args.seed,
                     backend=args.backend, device=args.device, write_best=args.write_best,
                     chat_template=args.chat_template, batch_size=args.batch_size, temperature=args.temperature,
-                    overwrite=args.overwrite, drop=args.drop, reward_timeout=args.reward_timeout, on_progress=say)
+                    overwrite=args.overwrite, drop=args.drop, reward_timeout=args.reward_timeout,
+                    holdout=args.holdout, on_progress=say)
     best = record["best"]
     print(f"expo search: {len(record['evaluations'])} evaluation(s); best alpha {best['alpha']:g} (reward "
           f"{best['reward_mean']:.4g} +- {best['reward_stderr']:.2g}, win rate vs aligned "
           f"{best['win_rate_vs_aligned']:.2f})")
+    if "improvement" in record.get("holdout", {}):
+        from .search import describe_holdout
+
+        print(f"held out: {describe_holdout(record['holdout'])}")
     print(format_table(record))
     print(f"report: {os.path.join(args.report, 'search.json')} (+ search.csv, search.md, search.png, "
           "responses.jsonl)")

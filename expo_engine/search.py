@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ TRUNCATION_JUMP = 0.2  # degenerate: truncated share above the baseline's by mor
 LENGTH_JUMP = 2.0  # degenerate: mean length above this times the baseline's (and 8 tokens more)
 MIN_ALPHA = 0.01  # the auto search does not refine below this: such an alpha is the aligned model to the eye
 DEFAULT_BUDGET = 8
+DEFAULT_HOLDOUT = 0.25  # the share of the prompts held out of the choice, to estimate its gain unbiased
 SEARCH_NAME, RESPONSES_NAME = "search.json", "responses.jsonl"
 # The weights update's chunk size: its buffers (up to 9 chunks in flight) sit beside the whole model, so smaller than
 # extrapolate's 64 MiB; 8 MiB chunks still read at disk speed (the update is I/O-bound either way).
@@ -102,13 +104,78 @@ class Evaluation:
     degenerate: bool
     seconds: float
     degenerate_why: str = ""  # why it is degenerate ("" when it is not); older records lack it
+    weights_seconds: float = 0.0  # where `seconds` went: streaming theta(alpha) into the weights,
+    generate_seconds: float = 0.0  # generating (at tokens_per_second generated tokens a second),
+    tokens_per_second: float = 0.0
+    score_seconds: float = 0.0  # and scoring
 
     def record(self) -> dict:
         return dataclasses.asdict(self)
 
 
+@dataclass
+class HeldOut:
+    """One alpha on the held-out prompts: its rewards and response lengths (prompt-major, samples within)."""
+
+    rewards: list[float]
+    lengths: list[int]
+
+
+def split_prompts(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(indices that choose alpha, indices held out): a seeded draw of round(n * fraction) prompts, at least one,
+    held out; none with fraction 0."""
+    if not math.isfinite(fraction) or not 0 <= fraction < 1:
+        raise OptionError(f"--holdout must be a fraction at least 0 and below 1, not {fraction:g}")
+    if fraction == 0:
+        return list(range(n)), []
+    k = max(1, round(n * fraction))
+    if n - k < 1:
+        raise OptionError(f"--holdout {fraction:g} of {n} prompt(s) leaves none to choose alpha with; give more "
+                          "prompts or --holdout 0")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return sorted(order[k:]), sorted(order[:k])
+
+
+def holdout_summary(held: list[int], fraction: float, held_kept: dict[float, HeldOut], best: float) -> dict:
+    """The held-out record: which prompts and alphas, and once alpha 0 and the chosen alpha are both evaluated on
+    them, the paired improvement (mean of chosen - aligned per response) with its standard error, the win rate
+    (ties count half) and the mean lengths."""
+    out = {"fraction": fraction, "n_prompts": len(held), "prompt_indices": held,
+           "evaluated_alphas": sorted(held_kept)}
+    if 0.0 not in held_kept or best not in held_kept:
+        return out
+    base, chosen = held_kept[0.0], held_kept[best]
+    diffs = [c - b for c, b in zip(chosen.rewards, base.rewards, strict=True)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    stderr = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else 0.0
+    return out | {
+        "alpha": best, "reward_mean": sum(chosen.rewards) / n, "baseline_reward_mean": sum(base.rewards) / n,
+        "improvement": mean, "improvement_stderr": stderr,
+        "win_rate_vs_aligned": sum(1.0 if d > 0 else 0.5 if d == 0 else 0.0 for d in diffs) / n,
+        "mean_length": sum(chosen.lengths) / n, "baseline_mean_length": sum(base.lengths) / n}
+
+
+def describe_holdout(h: dict) -> str:
+    return (f"{h['n_prompts']} prompt(s) never used to choose alpha: alpha {h['alpha']:g} scores "
+            f"{h['reward_mean']:.4g} against {h['baseline_reward_mean']:.4g} at alpha 0, an improvement of "
+            f"{h['improvement']:+.4g} +- {h['improvement_stderr']:.2g}; win rate {h['win_rate_vs_aligned']:.2f}, "
+            f"mean length {h['mean_length']:.1f} against {h['baseline_mean_length']:.1f}")
+
+
+def describe_evaluation(ev: Evaluation) -> str:
+    return (f"reward {ev.reward_mean:.4g} +- {ev.reward_stderr:.2g}, win rate vs aligned {ev.win_rate_vs_aligned:.2f}, "
+            f"mean length {ev.mean_length:.1f}, truncated {ev.truncated_share:.0%}"
+            + (f", DEGENERATE ({ev.degenerate_why})" if ev.degenerate else "")
+            + f"; weights {ev.weights_seconds:.1f} s, generated {ev.tokens_per_second:.0f} tokens/s in "
+              f"{ev.generate_seconds:.1f} s, scored in {ev.score_seconds:.1f} s ({ev.seconds:.1f} s in all)")
+
+
 def evaluate(alpha: float, rewards: list[float], responses: list[Response], baseline: list[float] | None,
-             base: Evaluation | None, seconds: float, nonfinite_weights: str = "") -> Evaluation:
+             base: Evaluation | None, seconds: float, nonfinite_weights: str = "", weights_seconds: float = 0.0,
+             generate_seconds: float = 0.0, tokens_per_second: float = 0.0, score_seconds: float = 0.0
+             ) -> Evaluation:
     """The numbers of one alpha from its rewards and responses (flat, prompt-major, samples within), compared pair
     by pair with the baseline's rewards (ties count half) and, for degeneration, with the baseline's lengths.
     Non-finite weights (`nonfinite_weights` says which) or logits make any alpha degenerate, the baseline too:
@@ -130,7 +197,8 @@ def evaluate(alpha: float, rewards: list[float], responses: list[Response], base
         why.append(f"{truncated:.0%} of responses truncated, {base.truncated_share:.0%} at alpha 0")
     if base is not None and length > max(LENGTH_JUMP * base.mean_length, base.mean_length + 8):
         why.append(f"mean length {length:.1f} tokens, {base.mean_length:.1f} at alpha 0")
-    return Evaluation(alpha, mean, stderr, wins, length, truncated, bool(why), seconds, "; ".join(why))
+    return Evaluation(alpha, mean, stderr, wins, length, truncated, bool(why), seconds, "; ".join(why),
+                      weights_seconds, generate_seconds, tokens_per_second, score_seconds)
 
 
 def best_of(evals: dict[float, Evaluation]) -> Evaluation:
@@ -214,10 +282,12 @@ class Settings:
     backend: str
     device: str
     drop: tuple[str, ...] = ()
+    holdout: float = 0.0
 
     def record(self) -> dict:
-        return {"sampling": dataclasses.asdict(self.sampling), "chat_template": self.chat_template,
-                "backend": self.backend, "device": self.device} | ({"drop": list(self.drop)} if self.drop else {})
+        return ({"sampling": dataclasses.asdict(self.sampling), "chat_template": self.chat_template,
+                 "backend": self.backend, "device": self.device, "holdout": self.holdout}
+                | ({"drop": list(self.drop)} if self.drop else {}))
 
 
 def _identity(ck: Checkpoint) -> dict:
@@ -275,7 +345,7 @@ def search(sft: str, aligned: str, prompts: str, report: str, *, reward_model: s
            device: str = "auto", write_best: str | None = None, chat_template: bool = True,
            batch_size: int = 8, temperature: float = 0.7, chunk_bytes: int = SEARCH_CHUNK_BYTES,
            overwrite: bool = False, drop=(), reward_timeout: float | None = DEFAULT_REWARD_TIMEOUT,
-           on_progress: Callable[[str], None] | None = None) -> dict:
+           holdout: float = DEFAULT_HOLDOUT, on_progress: Callable[[str], None] | None = None) -> dict:
     """Evaluate alphas with a reward signal and return the search record (what `DIR/search.json` holds):
     `{"evaluations": [...], "best": {...}, "inputs": {...}, "settings": {...}}`.
 
@@ -284,7 +354,9 @@ def search(sft: str, aligned: str, prompts: str, report: str, *, reward_model: s
     `reward_model`, `reward_fn`, `reward_cmd` (a command gets `reward_timeout` seconds per scoring call).
     `write_best`: also write the best alpha's model there with `extrapolate` (its expo.json records the search's
     digest); checked before the first evaluation. `drop`: tensors left out, as `expo extrapolate --drop` does.
-    `on_progress` receives one line per step.
+    `holdout`: the share of the prompts (a seeded draw) never used to choose alpha; the chosen alpha and alpha = 0
+    are evaluated on them at the end (`record["holdout"]`: the paired improvement, its standard error, the win
+    rate, the mean lengths). 0 turns it off. `on_progress` receives one line per step.
 
     Evaluations already in `report` for the same inputs and settings are reused. A report of a search with other
     inputs or settings is kept unless `overwrite`; with it, the new search runs beside the old report (in
@@ -300,6 +372,7 @@ def search(sft: str, aligned: str, prompts: str, report: str, *, reward_model: s
     drop = tuple(drop or ())
     report = check_report(report)
     prompt_list = load_prompts(prompts)
+    select, held = split_prompts(len(prompt_list), holdout, seed)
     sft_ck, aligned_ck = open_checkpoint(sft), open_checkpoint(aligned)
     if write_best:  # every check of the final write (output path, the plan), before hours of evaluations
         from .api import prepare
@@ -310,7 +383,7 @@ def search(sft: str, aligned: str, prompts: str, report: str, *, reward_model: s
     dev = resolve_device(device)
     sampling = Sampling(max_new_tokens=max_new_tokens, samples=samples, seed=seed, temperature=temperature,
                         batch_size=batch_size)
-    settings = Settings(sampling, chat_template, backend, dev.type, drop)
+    settings = Settings(sampling, chat_template, backend, dev.type, drop, holdout)
     reward = open_reward(reward_model, reward_fn, reward_cmd, dev, timeout=reward_timeout)
     inputs = {"sft": _identity(sft_ck), "aligned": _identity(aligned_ck), "prompts": os.path.abspath(prompts),
               "prompts_sha256": _sha256(prompts), "n_prompts": len(prompt_list), "reward": reward.identity()}
@@ -318,7 +391,7 @@ def search(sft: str, aligned: str, prompts: str, report: str, *, reward_model: s
 
     with _locked(report):
         work = _work_folder(report, key, overwrite)
-        evals, kept = _resume(work, key)
+        evals, kept, held_kept = _resume(work, key)
         if work != report:
             say(f"the search in {report} was for other inputs or settings (--overwrite): this one runs in {work} "
                 "and replaces it once complete")
@@ -326,42 +399,60 @@ def search(sft: str, aligned: str, prompts: str, report: str, *, reward_model: s
             say(f"resuming: {len(evals)} evaluation(s) already in {work} for these inputs and settings")
         model = open_backend(backend, sft_ck, aligned_ck, dev, chunk_bytes, drop=drop)
         say(f"loaded {aligned_ck.source} with {backend} on {dev} in {model.load_seconds:.1f} s; "
-            f"{len(prompt_list)} prompt(s) x {samples} sample(s), reward: {reward.describe}")
+            f"{len(select)} prompt(s) x {samples} sample(s) to choose alpha"
+            + (f", {len(held)} held out" if held else "") + f"; reward: {reward.describe}")
         texts = [model.render(None if p.messages else p.text, p.messages, chat_template) for p in prompt_list]
         model.check_lengths(texts, max_new_tokens)
         applied = model.generation_record(sampling)
-        items_of = lambda responses: [Item(p.text, p.messages, r.text)  # noqa: E731
-                                      for p, rs in zip(prompt_list, responses, strict=True) for r in rs]
+
+        def run(a: float, indices: list[int], label: str) -> tuple[list[list[Response]], list[float], dict]:
+            """Generate on the prompts `indices` with theta(a) and score: responses, rewards, timings."""
+            started = time.monotonic()
+            bad = model.load_weights(a) or {}
+            t_gen = time.monotonic()
+            say(f"{label}: weights in place ({t_gen - started:.1f} s); generating {len(indices)} prompt(s) x "
+                f"{samples}")
+            responses = model.generate([texts[i] for i in indices], sampling,
+                                       on_batch=_throttled(say, label, len(indices), t_gen))
+            t_score = time.monotonic()
+            items = [Item(prompt_list[i].text, prompt_list[i].messages, r.text)
+                     for i, rs in zip(indices, responses, strict=True) for r in rs]
+            rewards = reward.score(items, on_progress=lambda line: say(f"{label}: {line}"))
+            done = time.monotonic()
+            tokens = sum(r.tokens for rs in responses for r in rs)
+            timing = {"seconds": done - started, "weights_seconds": t_gen - started,
+                      "generate_seconds": t_score - t_gen, "tokens_per_second": tokens / max(t_score - t_gen, 1e-9),
+                      "score_seconds": done - t_score, "nonfinite_weights": _listing_counts(bad)}
+            return responses, rewards, timing
+
         record = {}
         while (a := next_alpha(evals, grid, budget)) is not None:
-            started = time.monotonic()
-            step = len(evals) + 1
-            bad_weights = model.load_weights(a) or {}
-            t_gen = time.monotonic()
-            say(f"[{step}] alpha {a:g}: weights in place ({t_gen - started:.1f} s); generating {len(texts)} "
-                f"prompt(s) x {samples}")
-            responses = model.generate(texts, sampling, on_batch=_throttled(say, step, a, len(texts), t_gen))
-            t_score = time.monotonic()
-            flat = [r for rs in responses for r in rs]
-            rewards = reward.score(items_of(responses), on_progress=lambda line, step=step, a=a:
-                                   say(f"[{step}] alpha {a:g}: {line}"))
-            ev = evaluate(a, rewards, flat, kept.get(0.0, rewards) if a else None, evals.get(0.0),
-                          time.monotonic() - started, _listing_counts(bad_weights))
+            label = f"[{len(evals) + 1}] alpha {a:g}"
+            responses, rewards, timing = run(a, select, label)
+            ev = evaluate(a, rewards, [r for rs in responses for r in rs], kept.get(0.0, rewards) if a else None,
+                          evals.get(0.0), **timing)
             if a == 0.0 and ev.degenerate:
                 raise NonFiniteError(f"the aligned model itself (alpha 0) is unusable as the baseline: "
-                                  f"{ev.degenerate_why}; search needs an aligned model that generates")
+                                     f"{ev.degenerate_why}; search needs an aligned model that generates")
             evals[a], kept[a] = ev, rewards
-            _append_responses(work, a, prompt_list, responses, rewards, samples)
-            record = _record(evals, inputs, settings, key, grid, budget, applied)
+            _append_responses(work, a, prompt_list, select, responses, rewards, "select")
+            record = _record(evals, inputs, settings, key, grid, budget, applied, held, held_kept)
             _write_json(os.path.join(work, SEARCH_NAME), record)
-            say(f"[{step}] alpha {a:g}: reward {ev.reward_mean:.4g} +- {ev.reward_stderr:.2g}, win rate vs aligned "
-                f"{ev.win_rate_vs_aligned:.2f}, mean length {ev.mean_length:.1f}, truncated "
-                f"{ev.truncated_share:.0%}{f', DEGENERATE ({ev.degenerate_why})' if ev.degenerate else ''}; "
-                f"generated {sum(r.tokens for r in flat) / max(t_score - t_gen, 1e-9):.0f} tokens/s, scored in "
-                f"{time.monotonic() - t_score:.1f} s ({ev.seconds:.1f} s in all)")
-        record = (record or _record(evals, inputs, settings, key, grid, budget, applied)) | {"complete": True}
+            say(f"{label}: {describe_evaluation(ev)}")
+        best = best_of(evals).alpha
+        for a in sorted({0.0, best}) if held else ():
+            if a in held_kept:
+                continue
+            responses, rewards, timing = run(a, held, f"[held out] alpha {a:g}")
+            held_kept[a] = HeldOut(rewards, [r.tokens for rs in responses for r in rs])
+            _append_responses(work, a, prompt_list, held, responses, rewards, "holdout")
+            record = _record(evals, inputs, settings, key, grid, budget, applied, held, held_kept)
+            _write_json(os.path.join(work, SEARCH_NAME), record)
+        record = _record(evals, inputs, settings, key, grid, budget, applied, held, held_kept) | {"complete": True}
         _write_json(os.path.join(work, SEARCH_NAME), record)
-        del model, reward  # the model's memory goes back before the plot (matplotlib) and --write-best need theirs
+        if record.get("holdout"):
+            say(f"held out: {describe_holdout(record['holdout'])}")
+        model = reward = None  # the model's memory goes back before the plot (matplotlib) and --write-best need theirs
         write_reports(work, record)
         if work != report:
             _publish(work, report)
@@ -385,7 +476,7 @@ def _listing_counts(counts: dict[str, int]) -> str:
     return f"{sum(counts.values())} NaN/Inf element(s) in {len(counts)} tensor(s): {shown}{more}"
 
 
-def _throttled(say: Callable[[str], None], step: int, alpha: float, total: int, started: float,
+def _throttled(say: Callable[[str], None], label: str, total: int, started: float,
                every: float = 10.0) -> Callable[[int], None]:
     """Generation progress for `say`: at most one line per `every` seconds, with the rate and an ETA."""
     last = [started]
@@ -395,7 +486,7 @@ def _throttled(say: Callable[[str], None], step: int, alpha: float, total: int, 
         if done < total and now - last[0] >= every:
             last[0] = now
             rate = done / (now - started)
-            say(f"[{step}] alpha {alpha:g}: generated {done}/{total} prompt(s), {rate:.2g} prompt(s)/s, ETA "
+            say(f"{label}: generated {done}/{total} prompt(s), {rate:.2g} prompt(s)/s, ETA "
                 f"{(total - done) / rate:.0f} s")
 
     return on_batch
@@ -414,9 +505,9 @@ def _grid(alpha) -> tuple[float, ...] | None:
 
 
 def _record(evals: dict[float, Evaluation], inputs: dict, settings: Settings, key: str, grid, budget: int,
-            applied: dict) -> dict:
+            applied: dict, held: list[int], held_kept: dict[float, HeldOut]) -> dict:
     best = best_of(evals)
-    return {
+    return ({"holdout": holdout_summary(held, settings.holdout, held_kept, best.alpha)} if held else {}) | {
         "evaluations": [evals[a].record() for a in sorted(evals)],
         "best": best.record(),
         "inputs": inputs,
@@ -506,43 +597,50 @@ def _publish(work: str, report: str) -> None:
     _remove_tree(work)
 
 
-def _resume(work: str, key: str) -> tuple[dict[float, Evaluation], dict[float, list[float]]]:
-    """The evaluations of an earlier search into `work` with the same key, and their rewards (from
-    responses.jsonl); responses of an alpha that search.json does not list (cut off by a kill) are dropped."""
+def _resume(work: str, key: str) -> tuple[dict[float, Evaluation], dict[float, list[float]], dict[float, HeldOut]]:
+    """The evaluations of an earlier search into `work` with the same key, their rewards and the held-out
+    evaluations (both from responses.jsonl); responses of an alpha that search.json does not list (cut off by a
+    kill) are dropped."""
     if _key_of(work) != key:
-        return {}, {}
+        return {}, {}, {}
     with open(os.path.join(work, SEARCH_NAME)) as f:
         old = json.load(f)
     evals = {float(e["alpha"]): Evaluation(**e) for e in old.get("evaluations", [])}
-    kept: dict[float, list[float]] = {}
-    lines = []
+    listed = {"select": set(evals), "holdout": {float(a) for a in (old.get("holdout") or {}).get("evaluated_alphas",
+                                                                                                   [])}}
+    found: dict[tuple[str, float], list[dict]] = {}
     with contextlib.suppress(FileNotFoundError), open(os.path.join(work, RESPONSES_NAME)) as f:
         for line in f:
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 rec = json.loads(line)
-                if float(rec["alpha"]) in evals:
-                    kept.setdefault(float(rec["alpha"]), []).append(rec["score"])
-                    lines.append(line)
-    if set(kept) != set(evals):  # rewards lost: evaluate again what has none
-        evals = {a: e for a, e in evals.items() if a in kept}
+                split, a = rec.get("split", "select"), float(rec["alpha"])
+                if a in listed.get(split, ()):
+                    found.setdefault((split, a), []).append(rec)
+    evals = {a: e for a, e in evals.items() if ("select", a) in found}  # rewards lost: evaluate again
+    kept = {a: [r["score"] for r in found[("select", a)]] for a in evals}
+    held = {a: HeldOut([r["score"] for r in found[("holdout", a)]], [r["tokens"] for r in found[("holdout", a)]])
+            for a in listed["holdout"] if ("holdout", a) in found}
     tmp = os.path.join(work, RESPONSES_NAME + ".tmp")
     with open(tmp, "w") as f:
-        f.writelines(line for line in lines if float(json.loads(line)["alpha"]) in evals)
+        for (split, a), recs in found.items():
+            if (split == "select" and a in evals) or (split == "holdout" and a in held):
+                f.writelines(json.dumps(r) + "\n" for r in recs)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, os.path.join(work, RESPONSES_NAME))
-    return evals, {a: kept[a] for a in evals}
+    return evals, kept, held
 
 
-def _append_responses(report: str, alpha: float, prompts: list[Prompt], responses: list[list[Response]],
-                      rewards: list[float], samples: int) -> None:
+def _append_responses(report: str, alpha: float, prompts: list[Prompt], indices: list[int],
+                      responses: list[list[Response]], rewards: list[float], split: str) -> None:
     scores = iter(rewards)
     with open(os.path.join(report, RESPONSES_NAME), "a") as f:
-        for k, (p, rs) in enumerate(zip(prompts, responses, strict=True)):
+        for k, rs in zip(indices, responses, strict=True):
             for j, r in enumerate(rs):
-                f.write(json.dumps({"alpha": alpha, "prompt_index": k, "sample": j, "prompt": p.text,
-                                    "response": r.text, "score": next(scores), "tokens": r.tokens,
-                                    "truncated": r.truncated}) + "\n")
+                f.write(json.dumps({"alpha": alpha, "split": split, "prompt_index": k, "sample": j,
+                                    "prompt": prompts[k].text, "response": r.text, "score": next(scores),
+                                    "tokens": r.tokens, "truncated": r.truncated,
+                                    "nonfinite": r.nonfinite}) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -557,7 +655,8 @@ def _write_json(path: str, obj: dict) -> None:
 
 
 COLUMNS = ("alpha", "reward_mean", "reward_stderr", "win_rate_vs_aligned", "mean_length", "truncated_share",
-           "degenerate", "seconds")
+           "degenerate", "degenerate_why", "seconds", "weights_seconds", "generate_seconds", "tokens_per_second",
+           "score_seconds")
 
 
 def format_table(record: dict) -> str:
@@ -585,8 +684,11 @@ def write_reports(report: str, record: dict) -> list[str]:
     written.append("search.csv")
     best = record["best"]
     md = ["# expo search", "", f"Best alpha: **{best['alpha']:g}** (reward {best['reward_mean']:.4g} ± "
-          f"{best['reward_stderr']:.2g}, win rate vs the aligned model {best['win_rate_vs_aligned']:.2f})", "",
-          "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+          f"{best['reward_stderr']:.2g}, win rate vs the aligned model {best['win_rate_vs_aligned']:.2f}) on the "
+          "prompts that chose it", ""]
+    if "improvement" in record.get("holdout", {}):
+        md += [f"Held out: {describe_holdout(record['holdout'])}.", ""]
+    md += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for e in record["evaluations"]:
         md.append("| " + " | ".join(f"{e[c]:.4g}" if isinstance(e[c], float) else str(e[c]) for c in COLUMNS) + " |")
     with open(os.path.join(report, "search.md"), "w") as f:

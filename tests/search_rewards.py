@@ -10,15 +10,21 @@ def count_w7(prompt: str, response: str) -> float:
     return words.count("w7") + 0.01 * len(words)
 
 
+def word_sum(prompt: str, response: str) -> float:
+    """The words' numbers summed (w12 w40 -> 0.52): a score that tells almost any two responses apart."""
+    return sum(int(w[1:]) for w in response.split() if w[1:].isdigit()) / 100
+
+
 def kill_after(prompt: str, response: str) -> float:
-    """count_w7, but SIGKILL this process at the Nth call (N from EXPO_TEST_KILL_AFTER; counted in a file)."""
+    """count_w7 (or the reward EXPO_TEST_REWARD names), but SIGKILL this process at the Nth call (N from
+    EXPO_TEST_KILL_AFTER; counted in a file)."""
     path = os.environ["EXPO_TEST_KILL_COUNT"]
     n = int(open(path).read()) + 1 if os.path.exists(path) else 1
     with open(path, "w") as f:
         f.write(str(n))
     if n == int(os.environ["EXPO_TEST_KILL_AFTER"]):
         os.kill(os.getpid(), signal.SIGKILL)
-    return count_w7(prompt, response)
+    return globals()[os.environ.get("EXPO_TEST_REWARD", "count_w7")](prompt, response)
 
 
 def broken(prompt: str, response: str) -> float:
