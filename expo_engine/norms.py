@@ -21,7 +21,7 @@ from .kernels import Stats
 from .naming import KINDS, classify, untied_extras
 from .reading import Buffers, Inputs, direct_io, read_ahead
 from .sources import Checkpoint, open_checkpoint
-from .vocab import resized, row_map
+from .vocab import match_rows
 
 if TYPE_CHECKING:
     import torch
@@ -68,7 +68,7 @@ class PairReport:
     a: str
     b: str
     tensors: dict[str, Stats] = field(default_factory=dict)
-    vocab: dict | None = None  # a resized vocabulary: which rows were compared (vocab.RowMap.record)
+    vocab: dict | None = None  # a resized or reordered vocabulary: which rows were compared (vocab.RowMap.record)
 
     def aggregates(self) -> dict[str, dict]:
         total, by_layer, by_kind, by_layer_kind = Stats(), {}, {}, {}
@@ -93,24 +93,29 @@ class PairReport:
                             for n, st in self.tensors.items()}}
 
 
-def compare(a: Checkpoint, b: Checkpoint, chunk_bytes: int = 64 * 2**20, skip=frozenset()) -> PairReport:
+def compare(a: Checkpoint, b: Checkpoint, chunk_bytes: int = 64 * 2**20, skip=frozenset(),
+            vocab: str = "auto") -> PairReport:
     """Stream both checkpoints once and return per-tensor stats of b - a (float tensors; others are skipped).
 
-    One thread reads the next chunk (O_DIRECT where allowed) while this one computes; the compiled kernel sums in
-    float64 in one pass, torch ops (float64 scratch blocks) where it does not apply."""
+    The vocabulary rows are matched as `make_plan` matches them (`vocab.match_rows`, `vocab` its mode): in a resized
+    vocabulary, or one of equal size whose tokenizers put tokens at other ids, each row of b is compared with the row
+    of a that means the same token; rows of b without one (added tokens, padding) are left out, and
+    `PairReport.vocab` says which. One thread reads the next chunk (O_DIRECT where allowed) while this one computes;
+    the compiled kernel sums in float64 in one pass, torch ops (float64 scratch blocks) where it does not apply."""
     only_a, only_b = untied_extras(a, b), untied_extras(b, a)  # a tied alias on one side only is not a change
     if only_a or only_b:
         raise MismatchError(f"{a.source} and {b.source} hold different tensors (only in the first: "
                             f"{', '.join(only_a[:5]) or '-'}; only in the second: {', '.join(only_b[:5]) or '-'})")
     work = []  # (name, slot in a, slot in b, start, stop, shift of a's elements)
-    rows = resized(a, b, [n for n in a.tensors if n in b.tensors])
-    row_map_ = row_map(a, b, *next(iter(rows.values())), tensors=list(rows)) if len(set(rows.values())) == 1 else None
+    # the same row map as the plan's: resized, or reordered at equal size (None: every row by id, or resized tensors
+    # that disagree on their row counts, which the shape check below reports)
+    row_map_, rows = match_rows(a, b, [n for n in a.tensors if n in b.tensors], vocab)
     for name, ta in a.tensors.items():
         if name not in b.tensors or name in skip:
             continue  # a tie (checked above), or a tensor the caller computes itself
         tb = b.tensors[name]
         if row_map_ and name in rows and ta.dtype in dtypes.FLOATS and tb.dtype in dtypes.FLOATS:
-            # a resized vocabulary: the rows that mean the same token on both sides, the others left out
+            # a resized or reordered vocabulary: the rows that mean the same token on both sides, the others left out
             row = math.prod(tb.shape[1:])
             step = max(1, chunk_bytes // max(dtypes.itemsize(ta.dtype), dtypes.itemsize(tb.dtype)))
             work += [(name, ta, tb, start, min(start + step, r1 * row), (s0 - r0) * row)
@@ -178,9 +183,10 @@ def from_output(path: str) -> list[PairReport]:
         raise SourceError(f"{file}: unreadable statistics ({type(e).__name__}: {e})") from None
 
 
-def parameter_norms(sources: list[str], chunk_bytes: int = 64 * 2**20) -> list[PairReport]:
+def parameter_norms(sources: list[str], chunk_bytes: int = 64 * 2**20, vocab: str = "auto") -> list[PairReport]:
     """Every pair (i < j) of the given checkpoints, as in the paper's Table 1. A LoRA adapter may be one of two
-    sources, the other its base: the change is then s B A (modules it saved whole: their change)."""
+    sources, the other its base: the change is then s B A (modules it saved whole: their change). `vocab`: how
+    vocabulary rows are matched (`compare`; the modes of `expo extrapolate --vocab`)."""
     from .adapters import change_stats, is_adapter, open_adapter
 
     adapters = [k for k, s in enumerate(sources) if is_adapter(s)]
@@ -190,12 +196,12 @@ def parameter_norms(sources: list[str], chunk_bytes: int = 64 * 2**20) -> list[P
         base = open_checkpoint(sources[1 - adapters[0]])
         adapter = open_adapter(sources[adapters[0]], base)
         base = adapter.sft  # the base as the adapter sees it: a tied head written out where the adapter unties it
-        report = compare(base, adapter.aligned, chunk_bytes, skip=set(adapter.loras))
+        report = compare(base, adapter.aligned, chunk_bytes, skip=set(adapter.loras), vocab=vocab)
         report.tensors.update(change_stats(adapter, base, chunk_bytes))
         report.tensors = {n: report.tensors[n] for n in base.tensors if n in report.tensors}  # the model's order
         return [report]
     cks = [open_checkpoint(s) for s in sources]
-    return [compare(cks[i], cks[j], chunk_bytes) for i in range(len(cks)) for j in range(i + 1, len(cks))]
+    return [compare(cks[i], cks[j], chunk_bytes, vocab=vocab) for i in range(len(cks)) for j in range(i + 1, len(cks))]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -212,12 +218,23 @@ def table(report: PairReport) -> str:
     lines = [f"{report.a}  ->  {report.b}", head]
     if report.vocab:
         v = report.vocab
-        lines.insert(1, f"vocabulary resized ({v['sft_rows']} -> {v['aligned_rows']} rows, matched {v['matched']}): "
-                        f"{', '.join(v['tensors'])} compared on the {v['rows_extrapolated']} shared row(s); "
-                        f"{v['rows_copied']} row(s) only in the second are left out")
+        lines.insert(1, vocab_line(v))
     for label, s in rows:
         lines.append(f"{label:<14}{s['n']:>13,}" + "".join(f"{s[c]:>13.4e}" for c in COLUMNS))
     return "\n".join(lines)
+
+
+def vocab_line(v: dict) -> str:
+    """What `table` says of the vocabulary rows (a `PairReport.vocab` record): which were compared, which left out."""
+    how = f"matched {v['matched']}" + (f", {v['rows_moved']} row(s) at another id" if v.get("rows_moved") else "")
+    if v["sft_rows"] != v["aligned_rows"]:
+        return (f"vocabulary resized ({v['sft_rows']} -> {v['aligned_rows']} rows, {how}): {', '.join(v['tensors'])} "
+                f"compared on the {v['rows_extrapolated']} shared row(s); {v['rows_copied']} row(s) only in the second "
+                "are left out")
+    left = v["rows_copied"]
+    return (f"vocabulary reordered ({v['aligned_rows']} rows, {how}): {', '.join(v['tensors'])} compared row by row "
+            f"where the two tokenizers hold the same token, on {v['rows_extrapolated']} row(s)"
+            + (f"; {left} row(s) of the second without a token of the first are left out" if left else ""))
 
 
 def markdown(reports: list[PairReport]) -> str:

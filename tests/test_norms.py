@@ -127,3 +127,73 @@ def test_plot_format_matplotlib_cannot_write_is_refused_before_reading(pair, tmp
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "matplotlib cannot write" in err and ".png" in err, err
     assert not path.exists() and capsys.readouterr().out == ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A reordered vocabulary of the same size (issue 20, item 1): rows compared by token, as the plan matches them
+
+ROWS = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def permuted_pair(root, exact: bool = False):
+    """SFT and aligned tiny Llamas of 128 vocabulary rows each, with tokenizers; the aligned tokenizer holds SFT
+    token i at id order[i] and its embedding and head rows follow. With `exact` the aligned model is the SFT model
+    itself, rows permuted: no change at all once rows are matched by token. Returns (sft folder, aligned folder,
+    sft state, aligned state, source) with source[j] the SFT row of aligned row j."""
+    import os
+
+    from helpers import llama_pair, save_model, tiny_tokenizer
+
+    g = torch.Generator().manual_seed(11)
+    order = list(range(4)) + (torch.randperm(124, generator=g) + 4).tolist()  # the special tokens stay
+    sft, aligned = llama_pair()
+    if exact:
+        aligned.load_state_dict(sft.state_dict())
+    with torch.no_grad():
+        for name in ROWS:
+            w = aligned.get_parameter(name)
+            moved = torch.empty_like(w)
+            moved[torch.tensor(order)] = w
+            w.copy_(moved)
+    folders = []
+    for model, side in ((sft, "sft"), (aligned, "aligned")):
+        folder = save_model(model, os.path.join(str(root), side))
+        tiny_tokenizer().save_pretrained(folder)
+        folders.append(folder)
+    path = os.path.join(folders[1], "tokenizer.json")
+    with open(path) as f:
+        data = json.load(f)
+    data["model"]["vocab"] = {t: order[i] for t, i in data["model"]["vocab"].items()}
+    with open(path, "w") as f:
+        json.dump(data, f)
+    source = [0] * 128
+    for i, j in enumerate(order):
+        source[j] = i
+    return folders[0], folders[1], sft.state_dict(), aligned.state_dict(), source
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["changed", "aligned-is-permuted-sft"])
+def test_norms_of_a_reordered_vocabulary_compare_rows_by_token(tmp_path, capsys, exact):
+    sft, aligned, sft_state, aligned_state, source = permuted_pair(tmp_path, exact)
+    moved = sum(1 for j, i in enumerate(source) if i != j)
+    (report,) = norms.parameter_norms([sft, aligned], chunk_bytes=1000)
+    for name in aligned_state:  # embed and head against the SFT row of the same token; the rest by id
+        a = sft_state[name][source] if name in ROWS else sft_state[name]
+        want = reference_stats(a, aligned_state[name])
+        got = report.tensors[name].summary()
+        for key, value in want.items():
+            assert math.isclose(got[key], value, rel_tol=1e-9, abs_tol=1e-15), (name, key)
+    if exact:
+        for name in ROWS:  # compared by id these rows would differ by the whole weight
+            assert report.tensors[name].summary()["fro"] == 0.0
+            assert reference_stats(sft_state[name], aligned_state[name])["fro"] > 0.1
+    rec = report.vocab
+    assert rec and (rec["matched"], rec["sft_rows"], rec["aligned_rows"], rec["rows_moved"], rec["rows_copied"]) == (
+        "by token string", 128, 128, moved, 0)
+    assert sorted(rec["tensors"]) == sorted(ROWS)
+    rc = main(["norms", sft, aligned])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    assert (f"vocabulary reordered (128 rows, matched by token string, {moved} row(s) at another id): "
+            f"{', '.join(rec['tensors'])} compared row by row where the two tokenizers hold the same token, on 128 "
+            "row(s)\n") in printed, printed
