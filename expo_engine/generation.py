@@ -52,7 +52,7 @@ class Response:
     text: str
     tokens: int  # generated tokens, the end-of-sequence token included when there is one
     truncated: bool  # stopped by max_new_tokens, not by an end-of-sequence token
-    nonfinite: bool = False  # some step's logits held NaN or Inf (that step was made end-of-sequence)
+    nonfinite: bool = False  # some step's logits held NaN or +Inf (that step was made end-of-sequence)
 
 
 # config keys that bound a model's positions, in the order they are looked for (GPT-2: n_positions; Llama and most:
@@ -180,7 +180,7 @@ class TransformersBackend:
         `sampling`, the exact GenerationConfig given to generate()."""
         out = {"backend": self.name, "eos_token_id": self.eos, "pad_token_id": self.pad,
                "ignored_generation_config": self.ignored,
-               "logits_processors": ["nonfinite: a row whose logits hold NaN/Inf takes end-of-sequence, flagged",
+               "logits_processors": ["nonfinite: a row whose logits hold NaN or +Inf takes end-of-sequence, flagged",
                                      "presence and frequency penalties on the generated tokens (OpenAI's)"],
                "reseed": "torch.manual_seed(seed + batch) before each batch", "padding": "left",
                "versions": self.versions}
@@ -195,7 +195,7 @@ class TransformersBackend:
     def generate(self, texts: list[str], sampling: Sampling,
                  on_batch: Callable[[int], None] | None = None) -> list[list[Response]]:
         """`sampling.samples` responses per text, in batches of `sampling.batch_size` texts. A response whose
-        logits were NaN/Inf at some step ends there (with end-of-sequence) and is flagged `nonfinite`."""
+        logits were NaN or +Inf at some step ends there (with end-of-sequence) and is flagged `nonfinite`."""
         import torch
         from transformers import GenerationConfig
 
@@ -289,9 +289,11 @@ def transformers_placement(model, aligned: Checkpoint, state: dict) -> dict[str,
 
 
 class _NonFinite:
-    """A transformers LogitsProcessor, run first: a row whose logits hold NaN or Inf is recorded, unless it has
-    already ended (its later steps are padding), and its step is made end-of-sequence (every other logit -inf), so
-    sampling never sees a NaN and the response ends there."""
+    """A transformers LogitsProcessor, run before the penalties and the sampling warpers: a row whose logits hold
+    NaN or +Inf, or no finite value at all, is recorded, unless it has already ended (its later steps are padding),
+    and its step is made end-of-sequence (every other logit -inf), so sampling never sees a NaN and the response
+    ends there. A -Inf beside finite logits is a token masked out (transformers' own processors, were any applied,
+    run before this one and mask that way), not an overflow."""
 
     def __init__(self, prompt_len: int, eos: list[int]):
         self.prompt_len, self.eos, self.bad = prompt_len, eos, None
@@ -299,7 +301,7 @@ class _NonFinite:
     def __call__(self, input_ids, scores):
         import torch
 
-        broken = ~torch.isfinite(scores).all(dim=1)
+        broken = (torch.isnan(scores) | torch.isposinf(scores)).any(dim=1) | ~torch.isfinite(scores).any(dim=1)
         if self.bad is None:
             self.bad = torch.zeros_like(broken)
         if not broken.any():

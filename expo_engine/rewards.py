@@ -30,7 +30,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -166,7 +165,9 @@ class RewardCommand:
     command that prints each score as it goes may take as long as it needs in all, as long as no one response
     takes longer; one that prints all its scores at the end must finish within `timeout`. On a timeout, and when
     the search is interrupted (KeyboardInterrupt, which the CLI makes of SIGTERM, or any other exception), the
-    whole group gets SIGTERM and, KILL_GRACE_SECONDS later, SIGKILL, so no child of the command is left running."""
+    whole group gets SIGTERM and, KILL_GRACE_SECONDS later, SIGKILL, so no child of the command is left running.
+    When the command has answered, what it left running in its group is stopped the same way: every scoring call
+    starts it afresh, and a server it started and forgot would otherwise pile up, one per alpha."""
 
     def __init__(self, cmd: str, timeout: float | None = DEFAULT_REWARD_TIMEOUT):
         if not cmd.strip():
@@ -204,6 +205,8 @@ class RewardCommand:
         except BaseException:  # KeyboardInterrupt (SIGTERM in the CLI) or any failure here: leave nothing running
             kill_group(proc)
             raise
+        else:
+            kill_group(proc)  # what the command left running in its group (a judge server it started) ends too
         finally:
             for f in (proc.stdin, proc.stdout, proc.stderr):
                 try:
@@ -220,38 +223,43 @@ class RewardCommand:
         return _finite(values, self.describe)
 
     def _talk(self, proc: subprocess.Popen, data: bytes, n: int, on_progress: Progress) -> tuple[bytes, bytes]:
-        """Feed stdin (a thread: a command that does not read it must not block us), collect stderr (a thread),
-        read stdout here; returns (stdout, stderr) once stdout is closed and the shell has exited. Raises
-        RewardError after `timeout` seconds without a new line."""
-        def feed():
-            try:
-                proc.stdin.write(data)
-                proc.stdin.close()
-            except (OSError, ValueError):  # the command exited or closed its stdin: its answer will say
-                pass
-
-        err = bytearray()
-        threads = [threading.Thread(target=feed, daemon=True),
-                   threading.Thread(target=lambda: err.extend(proc.stderr.read()), daemon=True)]
-        for t in threads:
-            t.start()
-        out = bytearray()
+        """Feed stdin and read stdout and stderr in one loop (no threads, non-blocking pipes: a command that does
+        not read its stdin, or a child of it that keeps a pipe open, cannot block us); returns (stdout, stderr)
+        once stdout is closed and the shell has exited. Raises RewardError after `timeout` seconds without a new
+        line, the group killed."""
+        out, err, todo = bytearray(), bytearray(), memoryview(data)
         started = last = time.monotonic()
         progress = _Throttle(on_progress)
         with selectors.DefaultSelector() as sel:
-            sel.register(proc.stdout, selectors.EVENT_READ)
-            open_ = True
-            while open_ or proc.poll() is None:
-                if open_ and sel.select(timeout=0.5):
-                    block = os.read(proc.stdout.fileno(), 1 << 16)
-                    if not block:
-                        open_ = False
-                        sel.unregister(proc.stdout)
-                    elif b"\n" in block:
-                        last = time.monotonic()
-                    out += block
-                elif not open_:
-                    time.sleep(0.05)
+            for f, event in ((proc.stdin, selectors.EVENT_WRITE), (proc.stdout, selectors.EVENT_READ),
+                             (proc.stderr, selectors.EVENT_READ)):
+                os.set_blocking(f.fileno(), False)
+                sel.register(f, event)
+            if not todo:
+                sel.unregister(proc.stdin)
+                proc.stdin.close()
+            while _open(sel, proc.stdout) or proc.poll() is None:
+                for key, _ in sel.select(timeout=0.5):
+                    f = key.fileobj
+                    try:
+                        if f is proc.stdin:
+                            todo = todo[os.write(f.fileno(), todo[:1 << 16]):]
+                            if todo:
+                                continue
+                        elif block := os.read(f.fileno(), 1 << 16):
+                            if f is proc.stdout and b"\n" in block:
+                                last = time.monotonic()
+                            (out if f is proc.stdout else err).extend(block)
+                            continue
+                    except BlockingIOError:
+                        continue
+                    except BrokenPipeError:  # the command closed its stdin: its answer will say whether it minded
+                        pass
+                    sel.unregister(f)  # stdin all written (or refused), or an output at its end
+                    if f is proc.stdin:
+                        f.close()
+                if not _open(sel, proc.stdout):
+                    time.sleep(0.05)  # the shell is still running with its stdout closed
                 now = time.monotonic()
                 got = out.count(b"\n")
                 if self.timeout is not None and now - last > self.timeout:
@@ -260,21 +268,39 @@ class RewardCommand:
                     raise RewardError(f"{self.describe} waited {self.timeout:g} s for {what} and was stopped (its "
                                       "whole process group killed); raise --reward-timeout if it needs longer")
                 progress(lambda got=got, now=now: f"reward command: {got}/{n} score(s) after {now - started:.0f} s")
-        threads[1].join(timeout=KILL_GRACE_SECONDS)  # a child of the command may still hold stderr open
+            if _open(sel, proc.stderr):  # what the shell wrote before it exited is there to read; a child of it
+                try:  # may hold stderr open for longer, and is not waited for
+                    while block := os.read(proc.stderr.fileno(), 1 << 16):
+                        err.extend(block)
+                except BlockingIOError:
+                    pass
         return bytes(out), bytes(err)
 
 
+def _open(sel: selectors.BaseSelector, f) -> bool:
+    try:
+        sel.get_key(f)
+        return True
+    except KeyError:
+        return False
+
+
 def kill_group(proc: subprocess.Popen) -> None:
-    """SIGTERM to the command's whole process group, SIGKILL KILL_GRACE_SECONDS later (or at once when the shell
-    is gone: its children may still run), and the shell reaped."""
+    """SIGTERM to the command's whole process group, SIGKILL once the group has had KILL_GRACE_SECONDS to go
+    (sooner when it has gone), and the shell reaped."""
     try:
         os.killpg(proc.pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.wait(timeout=KILL_GRACE_SECONDS)
-    except subprocess.TimeoutExpired:
-        pass
+    except (ProcessLookupError, PermissionError):  # nothing of the group is left
+        proc.wait()
+        return
+    deadline = time.monotonic() + KILL_GRACE_SECONDS
+    while time.monotonic() < deadline:
+        proc.poll()  # reap the shell, so that only its children keep the group alive
+        try:
+            os.killpg(proc.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            break
+        time.sleep(0.02)
     try:
         os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group ignored SIGTERM or outlived the shell
     except (ProcessLookupError, PermissionError):

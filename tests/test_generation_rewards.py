@@ -273,6 +273,18 @@ def test_a_reward_command_that_never_answers_is_killed_with_its_group(tmp_path, 
     assert _group_alive(pgid) == []
 
 
+def test_what_an_answered_command_left_running_is_stopped(tmp_path):
+    """A command that answers but leaves a child running (a server it started, stderr still open): the score
+    comes back at once, and the child is gone after it: one would pile up per alpha."""
+    pidfile = tmp_path / "pgid"
+    cmd = RewardCommand(f"echo $$ > {pidfile}; sleep 1000 > /dev/null & cat > /dev/null; echo 0.5; echo 1.5",
+                        timeout=30)
+    started = time.monotonic()
+    assert cmd.score([Item("p", None, "r")] * 2) == [0.5, 1.5]
+    assert time.monotonic() - started < rewards.KILL_GRACE_SECONDS + 3
+    assert _group_alive(_pgid_from(pidfile)) == []
+
+
 def test_an_interrupted_search_kills_the_reward_commands_group(tmp_path):
     """KeyboardInterrupt (the CLI's SIGTERM) while the command runs: its whole group is killed before the
     interrupt goes on. Before, the command's child was left running."""
