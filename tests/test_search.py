@@ -352,7 +352,8 @@ def test_search_with_a_reward_model(chat, tmp_path):
 
 @pytest.mark.parametrize("reward,needle", [
     (["--reward-fn", "search_rewards:broken"], "search_rewards:broken raised RuntimeError: the reward server is down"),
-    (["--reward-fn", "search_rewards:not_a_number"], "gave 'high' for response 1, not a number"),
+    (["--reward-fn", "search_rewards:not_a_number"],
+     "returned 'high' (str) for response 1; it must return a real number"),
     (["--reward-fn", "no_such_module:f"], "cannot import it"),
     (["--reward-cmd", "echo 1"], "printed 1 number(s) for 4 response(s)"),  # 1 of the 5 prompts held out
     (["--reward-cmd", "exit 3"], "exited with status 3"),
