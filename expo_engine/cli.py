@@ -135,6 +135,9 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--markdown", metavar="FILE", help="write the aggregate tables as Markdown")
     n.add_argument("--plot", metavar="FILE.png", help="plot relative change per layer and kind (needs matplotlib)")
     n.add_argument("--chunk-mb", type=_positive, default=64.0, metavar="N", help="read chunk size in MiB")
+    n.add_argument("--vocab", default="auto", choices=("auto", "aligned-extends-sft"),
+                   help="when the vocabulary rows differ: match them by the two tokenizers (auto, default), or take "
+                        "the first rows of the larger as the smaller's (aligned-extends-sft)")
     n.set_defaults(run=_run_norms)
 
     v = sub.add_parser("verify", help="check an output folder: index, headers, checksums, and every element",
@@ -323,7 +326,8 @@ def _run_norms(args) -> int:
     if args.from_out:
         reports = norms.from_output(args.from_out)
     else:
-        reports = norms.parameter_norms(args.sources, chunk_bytes=max(1, int(args.chunk_mb * 2**20)))
+        reports = norms.parameter_norms(args.sources, chunk_bytes=max(1, int(args.chunk_mb * 2**20)),
+                                        vocab=args.vocab)
     print("\n\n".join(norms.table(r) for r in reports))
     if args.json:
         _write_report("--json", args.json, json.dumps({"engine_version": __version__,
