@@ -351,6 +351,7 @@ def test_a_reward_function_must_return_a_real_number(tmp_path, monkeypatch, valu
         fn.score(items)
     msg = str(e.value)
     assert f"function {name}:f returned" in msg and "for response 1" in msg and "real number" in msg, msg
+    assert "\n" not in msg, msg
 
 
 def test_a_reward_functions_identity_follows_its_source(tmp_path, monkeypatch):
