@@ -351,7 +351,8 @@ def search(sft: str, aligned: str, prompts: str, report: str, *, reward_model: s
 
     `alpha`: "auto" (see the module docstring) or a grid (`0.1:0.5:0.1`, `0.1,0.3,1`, or a list of numbers); 0 is
     added as the baseline. `budget` caps the auto search's evaluations (the baseline included). Exactly one of
-    `reward_model`, `reward_fn`, `reward_cmd` (a command gets `reward_timeout` seconds per scoring call).
+    `reward_model`, `reward_fn`, `reward_cmd` (a command may go `reward_timeout` seconds without printing its next
+    score before it and its process group are killed).
     `write_best`: also write the best alpha's model there with `extrapolate` (its expo.json records the search's
     digest); checked before the first evaluation. `drop`: tensors left out, as `expo extrapolate --drop` does.
     `holdout`: the share of the prompts (a seeded draw) never used to choose alpha; the chosen alpha and alpha = 0
