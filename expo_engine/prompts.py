@@ -60,6 +60,7 @@ class _Table:
     fetch: Callable[[list[str], list[int] | None], list[dict]]
     unit: str = "row"  # how errors name a row: "line" (numbers are file lines, from 1) or "row" (indexes, from 0)
     numbers: list[int] | None = None  # the file line of each row, for unit "line"
+    fault: str = "hold no prompt"  # what errors say of rows without a prompt
 
 
 def load_prompts(path: str, *, field: str | None = None, split: str | None = None, limit: int | None = None,
@@ -94,8 +95,10 @@ def load_prompts(path: str, *, field: str | None = None, split: str | None = Non
     rows = source.fetch(wanted, None if len(picked) == source.count else picked)
     prompts, bad, why = [], [], ""
     for i, row in zip(picked, rows, strict=True):
-        name = field if field is not None else _first_present(row)
-        if name is None:
+        name = None if row is None else field if field is not None else _first_present(row)
+        if row is None:  # a JSONL line that is not a JSON object
+            got = "not a JSON object"
+        elif name is None:
             got = f"none of {_names(tried)} is set"
         else:
             got = _to_prompt(row, name)
@@ -104,13 +107,13 @@ def load_prompts(path: str, *, field: str | None = None, split: str | None = Non
                 continue
         bad.append(source.numbers[i] if source.numbers is not None else i)
         why = why or f"{'line' if source.unit == 'line' else 'index'} {bad[0]}: {got}"
-    if bad and not prompts and field is None and not any(_first_present(row) for row in rows):
+    if bad and not prompts and field is None and not any(_first_present(row) for row in rows if row is not None):
         raise _missing_field(label, source.columns)
     if bad:
         where = ", ".join(map(str, bad[:_SHOWN])) + (f" and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else "")
-        unit = source.unit + ("s" if len(bad) > 1 else "") + (" at index" if source.unit == "row" else "")
-        raise OptionError(f"{label}: {unit} {where} {'hold' if len(bad) > 1 else 'holds'} no prompt ({why}); fix or "
-                          "drop them, or pass --prompt-field to read another field")
+        unit = "line(s)" if source.unit == "line" else "row(s) at index"
+        raise OptionError(f"{label}: {unit} {where} {source.fault} ({why}); fix or drop them, or pass "
+                          "--prompt-field to read another field")
     return prompts
 
 
@@ -222,28 +225,27 @@ def _text_lines(path: str, label: str) -> list[tuple[int, str]]:
     return [(k, line) for k, line in enumerate(lines, 1) if line.strip()]
 
 
-def _rows_table(rows: list[dict], unit: str = "row", numbers: list[int] | None = None) -> _Table:
-    columns = list(dict.fromkeys(key for row in rows for key in row))
+def _rows_table(rows: list[dict | None], unit: str = "row", numbers: list[int] | None = None) -> _Table:
+    columns = list(dict.fromkeys(key for row in rows if row is not None for key in row))
     return _Table(columns, len(rows),
                   lambda wanted, picked: [rows[i] for i in picked] if picked is not None else rows, unit, numbers)
 
 
 def _json_lines(lines: list[tuple[int, str]], label: str) -> _Table:
-    rows, bad = [], []
-    for k, line in lines:
+    """One row a line; a line that is not a JSON object is a None row, reported with the rows that hold no prompt."""
+    rows = []
+    for _, line in lines:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             rec = None
-        if isinstance(rec, dict):
-            rows.append(rec)
-        else:
-            bad.append(k)
-    if bad:
-        shown = ", ".join(map(str, bad[:_SHOWN])) + (f" and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else "")
-        raise OptionError(f"{label}: line(s) {shown} are not JSON objects; JSONL holds one object a line, "
-                          "with a string `prompt` or a `messages` list of {\"role\", \"content\"} turns")
-    return _rows_table(rows, "line", [k for k, _ in lines])
+        rows.append(rec if isinstance(rec, dict) else None)
+    if all(row is None for row in rows):
+        raise OptionError(f"{label}: no line is a JSON object; JSONL holds one object a line, with a string "
+                          "`prompt` or a `messages` list of {\"role\", \"content\"} turns")
+    table = _rows_table(rows, "line", [k for k, _ in lines])
+    table.fault = "are not JSON objects holding a prompt"
+    return table
 
 
 def _json(path: str, split: str | None, label: str) -> list[Prompt] | _Table:

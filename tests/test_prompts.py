@@ -60,10 +60,13 @@ def test_jsonl_prompt_and_messages_per_line(tmp_path):
 
 def test_jsonl_bad_lines_are_named_by_their_line_in_the_file(tmp_path):
     path = write(tmp_path / "p.jsonl", '{"prompt": "ok"}\n\nnot json\n[1, 2]\n{"prompt": "ok"}\n')
-    message = one_line_error(r"line\(s\) 3, 4 are not JSON objects", path)
+    message = one_line_error(r"line\(s\) 3, 4 are not JSON objects holding a prompt \(line 3: not a JSON object\)",
+                             path)
     assert message.startswith(f"--prompts {path}: ")
-    path = write(tmp_path / "q.jsonl", '{"prompt": "ok"}\n{"prompt": 5}\n\n{"prompt": ""}\n')
-    one_line_error(r"lines 2, 4 hold no prompt \(line 2: `prompt` is int, not a string or a chat list\)", path)
+    path = write(tmp_path / "q.jsonl", '{"prompt": "ok"}\n{"prompt": 5}\n\n{"prompt": ""}\nnot json\n')
+    one_line_error(r"line\(s\) 2, 4, 5 are not JSON objects holding a prompt \(line 2: `prompt` is int, not a string "
+                   r"or a chat list\); fix or drop them", path)
+    one_line_error(r"no line is a JSON object; JSONL holds one object a line", write(tmp_path / "r.jsonl", "a\n"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -80,7 +83,8 @@ def test_chat_takes_the_turns_before_the_last_assistant_turn(tmp_path):
     # no user turn before the last assistant turn: an error naming the row
     path = write(tmp_path / "q.jsonl", "\n".join(json.dumps({"messages": m}) for m in (
         CHAT[:2], [CHAT[0], CHAT[2]])) + "\n")
-    one_line_error(r"line 2 holds no prompt \(line 2: `messages` has no user turn before its last assistant", path)
+    one_line_error(r"line\(s\) 2 are not JSON objects holding a prompt \(line 2: `messages` has no user turn "
+                   r"before its last assistant", path)
 
 
 def test_sharegpt_conversations_map_human_and_gpt(tmp_path):
@@ -143,7 +147,7 @@ def test_csv_bad_rows_are_named_by_their_line(tmp_path):
     path = str(tmp_path / "p.csv")
     with open(path, "w", newline="", encoding="utf-8") as f:
         csv.writer(f).writerows([["prompt"], ["a"], [""], ["b\nc"], [""]])
-    one_line_error(r"lines 3, 6 hold no prompt \(line 3: `prompt` is empty\)", path)
+    one_line_error(r"line\(s\) 3, 6 hold no prompt \(line 3: `prompt` is empty\)", path)
 
 
 def test_parquet_written_by_pandas_and_pyarrow(tmp_path):
@@ -161,7 +165,7 @@ def test_parquet_written_by_pandas_and_pyarrow(tmp_path):
     assert load_prompts(path, field="messages") == [CHAT_PROMPT, CHAT_PROMPT]
     bad = str(tmp_path / "n.parquet")
     pd.DataFrame({"prompt": ["a", None, "b", ""]}).to_parquet(bad)
-    one_line_error(r"rows at index 1, 3 hold no prompt \(index 1: none of `prompt` is set\)", bad)
+    one_line_error(r"row\(s\) at index 1, 3 hold no prompt \(index 1: none of `prompt` is set\)", bad)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -230,11 +234,11 @@ def test_limit_reads_only_the_sampled_rows(tmp_path):
     rows = [{"prompt": f"p{i}"} for i in range(20)]
     rows[3] = {"prompt": ""}
     path = write(tmp_path / "p.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    one_line_error(r"line 4 holds no prompt", path)
+    one_line_error(r"line\(s\) 4 are not JSON objects holding a prompt", path)
     seed = next(s for s in range(100) if 3 not in random.Random(s).sample(range(20), 5))
     assert load_prompts_texts(path, limit=5, seed=seed) == [f"p{i}" for i in _sample(20, 5, seed)]
     seed = next(s for s in range(100) if 3 in random.Random(s).sample(range(20), 5))
-    one_line_error(r"line 4 holds no prompt", path, limit=5, seed=seed)
+    one_line_error(r"line\(s\) 4 are not JSON objects holding a prompt", path, limit=5, seed=seed)
 
 
 def _sample(count, limit, seed):
