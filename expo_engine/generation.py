@@ -112,7 +112,7 @@ class TransformersBackend:
 
     name = "transformers"
 
-    def __init__(self, sft: Checkpoint, aligned: Checkpoint, device, chunk_bytes: int, drop=()):
+    def __init__(self, sft: Checkpoint, aligned: Checkpoint, device, chunk_bytes: int, drop=(), adapter=None):
         import torch
 
         try:
@@ -124,24 +124,37 @@ class TransformersBackend:
         from .weights import LiveWeights
 
         self.device = torch.device(device)
+        # an adapter folder often has the tokenizer it was trained with (a chat template added); else the SFT's
+        source = aligned.path if adapter is None else adapter.path if _has_tokenizer(adapter.path) else sft.path
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(aligned.path)
+            self.tokenizer = AutoTokenizer.from_pretrained(source)
         except Exception as e:  # transformers raises OSError, ValueError or its own errors for a missing tokenizer
-            raise OptionError(f"{aligned.path}: no tokenizer that transformers can load ({type(e).__name__}: "
+            raise OptionError(f"{source}: no tokenizer that transformers can load ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}); expo search generates with the "
                               "aligned model's own tokenizer") from None
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(aligned.path, dtype="auto").to(self.device).eval()
-        state = self.model.state_dict()
-        self.weights = LiveWeights(sft, aligned, state, chunk_bytes=chunk_bytes,
-                                   placement=transformers_placement(self.model, aligned, state), drop=drop)
+        if adapter is None:
+            self.model = AutoModelForCausalLM.from_pretrained(aligned.path, dtype="auto").to(self.device).eval()
+            state = self.model.state_dict()
+            self.weights = LiveWeights(sft, aligned, state, chunk_bytes=chunk_bytes,
+                                       placement=transformers_placement(self.model, aligned, state), drop=drop)
+            inner = self.model
+        else:
+            try:
+                from peft import PeftModel
+            except ImportError:
+                raise OptionError("expo search with a LoRA adapter as --aligned needs peft: pip install peft") from None
+            base = AutoModelForCausalLM.from_pretrained(sft.path, dtype="auto")
+            self.model = PeftModel.from_pretrained(base, adapter.path).to(self.device).eval()
+            self.weights = ScaledAdapter(self.model)
+            inner = self.model.get_base_model()
         # The paper's sampling only: the checkpoint's generation config (generation_config.json, or generation
         # keys of an old config.json) is replaced by one holding its end-of-sequence ids and the pad id. generate()
         # fills every setting it is not given from the model's generation config, so passing our own config to
         # generate() alone would still apply the checkpoint's extras.
-        loaded = self.model.generation_config
+        loaded = inner.generation_config
         eos = loaded.eos_token_id
         eos = eos if isinstance(eos, list) else [eos if eos is not None else self.tokenizer.eos_token_id]
         self.eos = sorted({int(e) for e in eos if e is not None})
@@ -151,7 +164,7 @@ class TransformersBackend:
         # ignored: what the checkpoint sets (to_diff_dict: the keys it gives a value) and generation does not apply
         self.ignored = sorted(k for k, v in loaded.to_diff_dict().items()
                               if k not in NOT_SETTINGS and k != "eos_token_id" and self.base.get(k) != v)
-        self.model.generation_config = GenerationConfig(**self.base)
+        inner.generation_config = GenerationConfig(**self.base)  # PEFT's generate() uses its base model's
         self.versions = {"transformers": transformers.__version__, "torch": torch.__version__}
 
     def load_weights(self, alpha: float) -> dict[str, int]:
@@ -231,6 +244,55 @@ class TransformersBackend:
         text = self.tokenizer.decode(kept, skip_special_tokens=True)
         tokens = len(kept) + (end is not None)
         return Response(text, tokens, end is None and len(row) >= limit, nonfinite)
+
+
+def _has_tokenizer(folder: str) -> bool:
+    import os
+
+    return any(os.path.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "tokenizer_config.json"))
+
+
+class ScaledAdapter:
+    """theta(alpha) of a LoRA adapter loaded with PEFT on the SFT model, in place and without streaming a weight:
+    theta_aligned - theta_sft is s * B @ A for every adapted weight, so theta(alpha) is the same adapter with every
+    LoRA layer's scaling (1 + alpha) times its own (A and B untouched); a module the adapter saved whole
+    (modules_to_save) is set to sft + (1 + alpha) * (saved - sft) with the engine's kernel (float32, one rounding),
+    from a copy of the saved values kept aside. The model is PEFT's own, so what it computes at alpha = 0 is what
+    PEFT computes with the adapter loaded (tied embeddings included)."""
+
+    def __init__(self, model):
+        from peft.tuners.lora import LoraLayer
+        from peft.utils import ModulesToSaveWrapper
+
+        self.scalings = [(m, name, s) for m in model.modules() if isinstance(m, LoraLayer)
+                         for name, s in m.scaling.items()]
+        self.saved = []  # (module tensor to set, the SFT's, the saved values)
+        for module in model.modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                original = dict(module.original_module.named_parameters())
+                for copy in module.modules_to_save.values():
+                    for pname, p in copy.named_parameters():
+                        if p.is_floating_point():
+                            self.saved.append((p, original[pname], p.detach().clone()))
+
+    def update(self, alpha: float) -> dict[str, int]:
+        """Scale to alpha; returns {saved tensor: NaN/Inf count} of saved modules that overflow (the scaled LoRA
+        product is computed by the model itself: an overflow there shows in its logits)."""
+        import torch
+
+        from .kernels import extrapolate_chunk
+
+        for layer, name, s in self.scalings:
+            layer.scaling[name] = s * (1 + alpha)
+        bad = {}
+        with torch.no_grad():
+            for k, (target, sft, saved) in enumerate(self.saved):
+                flat = target.data.view(-1)
+                extrapolate_chunk(flat, sft.data.reshape(-1).to(flat.device), saved.view(-1), alpha)
+                n = int((~torch.isfinite(flat)).sum())
+                if n:
+                    bad[f"modules_to_save[{k}]"] = n
+        return bad
 
 
 def transformers_placement(model, aligned: Checkpoint, state: dict) -> dict[str, tuple[str, int]]:
@@ -411,13 +473,19 @@ def _load_one(worker, name, tensor):
     worker.model_runner.model.load_weights(weights=[(name, tensor)])
 
 
-def open_backend(name: str, sft: Checkpoint, aligned: Checkpoint, device, chunk_bytes: int, drop=()):
+def open_backend(name: str, sft: Checkpoint, aligned: Checkpoint, device, chunk_bytes: int, drop=(), adapter=None):
     """The inference backend `name`, loaded from the aligned checkpoint; `drop`: the --drop patterns (tensors the
-    weights update leaves alone)."""
+    weights update leaves alone); `adapter` (adapters.Adapter): the aligned side is this LoRA adapter on the SFT
+    model, scaled per alpha (transformers only)."""
     if name not in BACKENDS:
         raise OptionError(f"--backend must be one of {', '.join(BACKENDS)}, not {name!r}")
     started = time.monotonic()
-    backend = (TransformersBackend if name == "transformers" else VllmBackend)(sft, aligned, device, chunk_bytes,
-                                                                               drop=drop)
+    if adapter is not None and name != "transformers":
+        raise OptionError("a LoRA adapter as --aligned is searched with --backend transformers (vLLM's per-alpha "
+                          "LoRARequest is not built yet); or merge it first: expo extrapolate --alpha 0")
+    if name == "transformers":
+        backend = TransformersBackend(sft, aligned, device, chunk_bytes, drop=drop, adapter=adapter)
+    else:
+        backend = VllmBackend(sft, aligned, device, chunk_bytes, drop=drop)
     backend.load_seconds = time.monotonic() - started
     return backend

@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .adapters import is_adapter, open_adapter
 from .errors import NonFiniteError, OptionError, OutputError
 from .generation import BACKENDS, Response, Sampling, open_backend
 from .plan import check_alpha, parse_alphas
@@ -302,6 +303,12 @@ def _identity(ck: Checkpoint) -> dict:
     return {"path": ck.path, "files": files, "side_files": side}
 
 
+def _folder_identity(folder: str) -> dict:
+    """A LoRA adapter's folder: the sha256 of every file in it (an adapter is megabytes, not gigabytes)."""
+    names = sorted(n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n)))
+    return {"path": folder, "adapter_files": [[n, _sha256(os.path.join(folder, n))] for n in names]}
+
+
 def _sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -374,7 +381,9 @@ def search(sft: str, aligned: str, prompts: str, report: str, *, reward_model: s
     report = check_report(report)
     prompt_list = load_prompts(prompts)
     select, held = split_prompts(len(prompt_list), holdout, seed)
-    sft_ck, aligned_ck = open_checkpoint(sft), open_checkpoint(aligned)
+    sft_ck = open_checkpoint(sft)
+    adapter = open_adapter(aligned, sft_ck) if is_adapter(aligned) else None  # every check expo extrapolate makes
+    aligned_ck = adapter.aligned if adapter else open_checkpoint(aligned)
     if write_best:  # every check of the final write (output path, the plan), before hours of evaluations
         from .api import prepare
 
@@ -386,7 +395,8 @@ def search(sft: str, aligned: str, prompts: str, report: str, *, reward_model: s
                         batch_size=batch_size)
     settings = Settings(sampling, chat_template, backend, dev.type, drop, holdout)
     reward = open_reward(reward_model, reward_fn, reward_cmd, dev, timeout=reward_timeout)
-    inputs = {"sft": _identity(sft_ck), "aligned": _identity(aligned_ck), "prompts": os.path.abspath(prompts),
+    inputs = {"sft": _identity(sft_ck), "aligned": _folder_identity(adapter.path) if adapter else _identity(aligned_ck),
+              "prompts": os.path.abspath(prompts),
               "prompts_sha256": _sha256(prompts), "n_prompts": len(prompt_list), "reward": reward.identity()}
     key = hashlib.sha256(json.dumps([inputs, settings.record()], sort_keys=True).encode()).hexdigest()
 
@@ -398,7 +408,7 @@ def search(sft: str, aligned: str, prompts: str, report: str, *, reward_model: s
                 "and replaces it once complete")
         if evals:
             say(f"resuming: {len(evals)} evaluation(s) already in {work} for these inputs and settings")
-        model = open_backend(backend, sft_ck, aligned_ck, dev, chunk_bytes, drop=drop)
+        model = open_backend(backend, sft_ck, aligned_ck, dev, chunk_bytes, drop=drop, adapter=adapter)
         say(f"loaded {aligned_ck.source} with {backend} on {dev} in {model.load_seconds:.1f} s; "
             f"{len(select)} prompt(s) x {samples} sample(s) to choose alpha"
             + (f", {len(held)} held out" if held else "") + f"; reward: {reward.describe}")
