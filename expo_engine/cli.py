@@ -194,6 +194,9 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument("--drop", action="append", default=[], metavar="PATTERN",
                     help="leave tensors whose name matches this regex out, as expo extrapolate --drop does (e.g. the "
                          "value head of an RLHF checkpoint: --drop '^v_head[.]'); repeatable")
+    se.add_argument("--drop-shared", action="store_true",
+                    help="let --drop leave out tensors that both checkpoints hold too (as expo extrapolate "
+                         "--drop-shared)")
     se.add_argument("--reward-timeout", type=_positive, default=DEFAULT_REWARD_TIMEOUT, metavar="SECONDS",
                     help="--reward-cmd: the longest the command may go without printing its next score before it "
                          "(and every process it started) is killed (default %(default)g)")
@@ -356,7 +359,7 @@ def _run_search(args) -> int:
                     backend=args.backend, device=args.device, write_best=args.write_best,
                     chat_template=args.chat_template, batch_size=args.batch_size, temperature=args.temperature,
                     overwrite=args.overwrite, drop=args.drop, reward_timeout=args.reward_timeout,
-                    holdout=args.holdout, on_progress=say)
+                    holdout=args.holdout, drop_shared=args.drop_shared, on_progress=say)
     best = record["best"]
     print(f"expo search: {len(record['evaluations'])} evaluation(s); best alpha {best['alpha']:g} (reward "
           f"{best['reward_mean']:.4g} +- {best['reward_stderr']:.2g}, win rate vs aligned "

@@ -112,7 +112,8 @@ class TransformersBackend:
 
     name = "transformers"
 
-    def __init__(self, sft: Checkpoint, aligned: Checkpoint, device, chunk_bytes: int, drop=(), adapter=None):
+    def __init__(self, sft: Checkpoint, aligned: Checkpoint, device, chunk_bytes: int, drop=(), adapter=None,
+                 drop_shared: bool = False):
         import torch
 
         try:
@@ -139,7 +140,8 @@ class TransformersBackend:
             self.model = AutoModelForCausalLM.from_pretrained(aligned.path, dtype="auto").to(self.device).eval()
             state = self.model.state_dict()
             self.weights = LiveWeights(sft, aligned, state, chunk_bytes=chunk_bytes,
-                                       placement=transformers_placement(self.model, aligned, state), drop=drop)
+                                       placement=transformers_placement(self.model, aligned, state), drop=drop,
+                                       drop_shared=drop_shared)
             inner = self.model
         else:
             try:
@@ -473,10 +475,11 @@ def _load_one(worker, name, tensor):
     worker.model_runner.model.load_weights(weights=[(name, tensor)])
 
 
-def open_backend(name: str, sft: Checkpoint, aligned: Checkpoint, device, chunk_bytes: int, drop=(), adapter=None):
+def open_backend(name: str, sft: Checkpoint, aligned: Checkpoint, device, chunk_bytes: int, drop=(), adapter=None,
+                 drop_shared: bool = False):
     """The inference backend `name`, loaded from the aligned checkpoint; `drop`: the --drop patterns (tensors the
-    weights update leaves alone); `adapter` (adapters.Adapter): the aligned side is this LoRA adapter on the SFT
-    model, scaled per alpha (transformers only)."""
+    weights update leaves alone; `drop_shared` as --drop-shared); `adapter` (adapters.Adapter): the aligned side is
+    this LoRA adapter on the SFT model, scaled per alpha (transformers only)."""
     if name not in BACKENDS:
         raise OptionError(f"--backend must be one of {', '.join(BACKENDS)}, not {name!r}")
     started = time.monotonic()
@@ -484,7 +487,8 @@ def open_backend(name: str, sft: Checkpoint, aligned: Checkpoint, device, chunk_
         raise OptionError("a LoRA adapter as --aligned is searched with --backend transformers (vLLM's per-alpha "
                           "LoRARequest is not built yet); or merge it first: expo extrapolate --alpha 0")
     if name == "transformers":
-        backend = TransformersBackend(sft, aligned, device, chunk_bytes, drop=drop, adapter=adapter)
+        backend = TransformersBackend(sft, aligned, device, chunk_bytes, drop=drop, adapter=adapter,
+                                      drop_shared=drop_shared)
     else:
         backend = VllmBackend(sft, aligned, device, chunk_bytes, drop=drop)
     backend.load_seconds = time.monotonic() - started

@@ -177,16 +177,17 @@ class RewardCommand:
         self.cmd, self.timeout, self.describe = cmd, timeout, f"command {cmd!r}"
 
     def identity(self) -> dict:
-        """The command string and the sha256 of every word of it that names an existing file (its script, a
-        model file it reads): an edited script gives another identity."""
-        try:
-            words = shlex.split(self.cmd)
-        except ValueError:  # unbalanced quotes: the shell will complain when it runs
-            words = self.cmd.split()
+        """The command string and the sha256 of every file it names (its script, a model file it reads): an edited
+        script gives another identity. Words are split as the shell splits them (`score.py|cat` is two words, a
+        `bash -c '...'` string is split again), with $VARIABLES and ~ expanded, and looked for as they are and in
+        the folders the command names (`cd dir && python score.py`). `files` empty: no file could be named."""
         files = {}
+        words = _shell_words(self.cmd)
+        folders = [w for w in words if os.path.isdir(w)]
         for w in words:
-            if w not in files and os.path.isfile(w):
-                files[w] = _sha256(w)
+            for path in (w, *(os.path.join(d, w) for d in folders)):
+                if path not in files and os.path.isfile(path):
+                    files[path] = _sha256(path)
         return {"kind": "command", "cmd": self.cmd, "files": [[w, h] for w, h in files.items()]}
 
     def score(self, items: list[Item], on_progress: Progress = None) -> list[float]:
@@ -238,7 +239,10 @@ class RewardCommand:
             if not todo:
                 sel.unregister(proc.stdin)
                 proc.stdin.close()
-            while _open(sel, proc.stdout) or proc.poll() is None:
+            # until the command has exited and closed its stdout; or has exited with every score printed while a
+            # child of it (a server started in the background) holds its stdout open
+            while ((_open(sel, proc.stdout) or proc.poll() is None)
+                   and not (proc.poll() is not None and out.count(b"\n") >= n)):
                 for key, _ in sel.select(timeout=0.5):
                     f = key.fileobj
                     try:
@@ -275,6 +279,24 @@ class RewardCommand:
                 except BlockingIOError:
                     pass
         return bytes(out), bytes(err)
+
+
+def _shell_words(cmd: str, depth: int = 0) -> list[str]:
+    """The words of a shell command line, split at the shell's operators too, expanded ($VAR, ~); a word with
+    spaces in it (a `sh -c` script) is split again."""
+    lexer = shlex.shlex(cmd, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    try:
+        words = list(lexer)
+    except ValueError:  # unbalanced quotes: the shell will complain when it runs
+        words = cmd.split()
+    out = []
+    for w in words:
+        w = os.path.expanduser(os.path.expandvars(w))
+        out.append(w)
+        if depth < 2 and any(c.isspace() for c in w):
+            out.extend(_shell_words(w, depth + 1))
+    return out
 
 
 def _open(sel: selectors.BaseSelector, f) -> bool:

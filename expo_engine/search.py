@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from .adapters import is_adapter, open_adapter
 from .errors import NonFiniteError, OptionError, OutputError
 from .generation import BACKENDS, Response, Sampling, open_backend
-from .plan import check_alpha, parse_alphas
+from .plan import check_alpha, make_plan, parse_alphas
 from .rewards import DEFAULT_REWARD_TIMEOUT, Item, open_reward
 from .sources import Checkpoint, open_checkpoint
 
@@ -284,11 +284,13 @@ class Settings:
     device: str
     drop: tuple[str, ...] = ()
     holdout: float = 0.0
+    drop_shared: bool = False
 
     def record(self) -> dict:
         return ({"sampling": dataclasses.asdict(self.sampling), "chat_template": self.chat_template,
                  "backend": self.backend, "device": self.device, "holdout": self.holdout}
-                | ({"drop": list(self.drop)} if self.drop else {}))
+                | ({"drop": list(self.drop)} if self.drop else {})
+                | ({"drop_shared": True} if self.drop_shared else {}))
 
 
 def _identity(ck: Checkpoint) -> dict:
@@ -328,6 +330,22 @@ def check_sampling(temperature: float, samples: int, max_new_tokens: int, batch_
                           f"so --samples {samples} cannot be drawn; use --samples 1, or a temperature above 0")
 
 
+def _check_apart(report: str, prompts: str, write_best: str | None) -> None:
+    """The report folder holds neither the prompts nor --write-best's output, nor lies inside that output: each
+    would be removed or replaced by the other."""
+    def real(path: str) -> str:
+        return os.path.realpath(os.path.abspath(os.path.expanduser(path)))
+
+    rep = real(report)
+    within = lambda path, folder: os.path.commonpath([path, folder]) == folder  # noqa: E731
+    if within(real(prompts), rep):
+        raise OptionError(f"--prompts {prompts} lies inside the --report folder {report}, which the search writes "
+                          "and replaces files in; keep the prompts elsewhere")
+    if write_best and (within(real(write_best), rep) or within(rep, real(write_best))):
+        raise OptionError(f"--write-best {write_best} and --report {report} overlap: the model's folder would "
+                          "replace the report or the report would land in the model; give two separate folders")
+
+
 def check_report(report: str) -> str:
     """The report folder's absolute path; refuses a path that is a file, lies inside one, or cannot be made."""
     out = os.path.abspath(os.path.expanduser(report))
@@ -352,7 +370,8 @@ def search(sft: str, aligned: str, prompts: str, report: str, *, reward_model: s
            device: str = "auto", write_best: str | None = None, chat_template: bool = True,
            batch_size: int = 8, temperature: float = 0.7, chunk_bytes: int = SEARCH_CHUNK_BYTES,
            overwrite: bool = False, drop=(), reward_timeout: float | None = DEFAULT_REWARD_TIMEOUT,
-           holdout: float = DEFAULT_HOLDOUT, on_progress: Callable[[str], None] | None = None) -> dict:
+           holdout: float = DEFAULT_HOLDOUT, drop_shared: bool = False,
+           on_progress: Callable[[str], None] | None = None) -> dict:
     """Evaluate alphas with a reward signal and return the search record (what `DIR/search.json` holds):
     `{"evaluations": [...], "best": {...}, "inputs": {...}, "settings": {...}}`.
 
@@ -378,37 +397,47 @@ def search(sft: str, aligned: str, prompts: str, report: str, *, reward_model: s
     if backend not in BACKENDS:
         raise OptionError(f"--backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     drop = tuple(drop or ())
+    _check_apart(report, prompts, write_best)
     report = check_report(report)
     prompt_list = load_prompts(prompts)
     select, held = split_prompts(len(prompt_list), holdout, seed)
     sft_ck = open_checkpoint(sft)
     adapter = open_adapter(aligned, sft_ck) if is_adapter(aligned) else None  # every check expo extrapolate makes
     aligned_ck = adapter.aligned if adapter else open_checkpoint(aligned)
+    make_plan(sft_ck, aligned_ck, 0.0, drop=drop, drop_shared=drop_shared)  # the pair's checks, before any loading
     if write_best:  # every check of the final write (output path, the plan), before hours of evaluations
         from .api import prepare
 
-        prepare(sft, aligned, 0.0, write_best, overwrite=overwrite, drop=drop)
+        prepare(sft, aligned, 0.0, write_best, overwrite=overwrite, drop=drop, drop_shared=drop_shared)
     from .gpu import resolve_device
 
     dev = resolve_device(device)
     sampling = Sampling(max_new_tokens=max_new_tokens, samples=samples, seed=seed, temperature=temperature,
                         batch_size=batch_size)
-    settings = Settings(sampling, chat_template, backend, dev.type, drop, holdout)
+    settings = Settings(sampling, chat_template, backend, dev.type, drop, holdout, drop_shared)
     reward = open_reward(reward_model, reward_fn, reward_cmd, dev, timeout=reward_timeout)
+    if reward_cmd and not reward.identity()["files"]:
+        say("note: the reward command names no file that exists here, so the resume key cannot see an edit to the "
+            "script it runs; after editing one, pass another --report (or --overwrite)")
     inputs = {"sft": _identity(sft_ck), "aligned": _folder_identity(adapter.path) if adapter else _identity(aligned_ck),
               "prompts": os.path.abspath(prompts),
               "prompts_sha256": _sha256(prompts), "n_prompts": len(prompt_list), "reward": reward.identity()}
     key = hashlib.sha256(json.dumps([inputs, settings.record()], sort_keys=True).encode()).hexdigest()
 
     with _locked(report):
-        work = _work_folder(report, key, overwrite)
+        work = _work_folder(report, key, overwrite, say)
         evals, kept, held_kept = _resume(work, key)
         if work != report:
             say(f"the search in {report} was for other inputs or settings (--overwrite): this one runs in {work} "
                 "and replaces it once complete")
         if evals:
             say(f"resuming: {len(evals)} evaluation(s) already in {work} for these inputs and settings")
-        model = open_backend(backend, sft_ck, aligned_ck, dev, chunk_bytes, drop=drop, adapter=adapter)
+        earlier = sorted(a for a in evals if grid is not None and a not in grid)
+        if earlier:
+            say(f"also using the evaluation(s) of alpha {', '.join(f'{a:g}' for a in earlier)} from an earlier "
+                "search into this report, outside this grid: the best is chosen among all")
+        model = open_backend(backend, sft_ck, aligned_ck, dev, chunk_bytes, drop=drop, adapter=adapter,
+                             drop_shared=drop_shared)
         say(f"loaded {aligned_ck.source} with {backend} on {dev} in {model.load_seconds:.1f} s; "
             f"{len(select)} prompt(s) x {samples} sample(s) to choose alpha"
             + (f", {len(held)} held out" if held else "") + f"; reward: {reward.describe}")
@@ -436,7 +465,9 @@ def search(sft: str, aligned: str, prompts: str, report: str, *, reward_model: s
                       "score_seconds": done - t_score, "nonfinite_weights": _listing_counts(bad)}
             return responses, rewards, timing
 
-        record = {}
+        def current() -> dict:
+            return _record(evals, inputs, settings, key, grid, budget, applied, held, held_kept, earlier)
+
         while (a := next_alpha(evals, grid, budget)) is not None:
             label = f"[{len(evals) + 1}] alpha {a:g}"
             responses, rewards, timing = run(a, select, label)
@@ -447,7 +478,7 @@ def search(sft: str, aligned: str, prompts: str, report: str, *, reward_model: s
                                      f"{ev.degenerate_why}; search needs an aligned model that generates")
             evals[a], kept[a] = ev, rewards
             _append_responses(work, a, prompt_list, select, responses, rewards, "select")
-            record = _record(evals, inputs, settings, key, grid, budget, applied, held, held_kept)
+            record = current()
             _write_json(os.path.join(work, SEARCH_NAME), record)
             say(f"{label}: {describe_evaluation(ev)}")
         best = best_of(evals).alpha
@@ -457,9 +488,9 @@ def search(sft: str, aligned: str, prompts: str, report: str, *, reward_model: s
             responses, rewards, timing = run(a, held, f"[held out] alpha {a:g}")
             held_kept[a] = HeldOut(rewards, [r.tokens for rs in responses for r in rs])
             _append_responses(work, a, prompt_list, held, responses, rewards, "holdout")
-            record = _record(evals, inputs, settings, key, grid, budget, applied, held, held_kept)
+            record = current()
             _write_json(os.path.join(work, SEARCH_NAME), record)
-        record = _record(evals, inputs, settings, key, grid, budget, applied, held, held_kept) | {"complete": True}
+        record = current() | {"complete": True}
         _write_json(os.path.join(work, SEARCH_NAME), record)
         if record.get("holdout"):
             say(f"held out: {describe_holdout(record['holdout'])}")
@@ -472,6 +503,7 @@ def search(sft: str, aligned: str, prompts: str, report: str, *, reward_model: s
 
         digest = _sha256(os.path.join(report, SEARCH_NAME))
         summary = extrapolate(sft, aligned, record["best"]["alpha"], write_best, overwrite=overwrite, drop=drop,
+                              drop_shared=drop_shared,
                               provenance={"search": {"report": os.path.join(report, SEARCH_NAME), "sha256": digest,
                                                      "best": record["best"]}})
         record["written"] = {"out": summary.out, "alpha": summary.alpha}
@@ -516,9 +548,10 @@ def _grid(alpha) -> tuple[float, ...] | None:
 
 
 def _record(evals: dict[float, Evaluation], inputs: dict, settings: Settings, key: str, grid, budget: int,
-            applied: dict, held: list[int], held_kept: dict[float, HeldOut]) -> dict:
+            applied: dict, held: list[int], held_kept: dict[float, HeldOut], earlier: list[float]) -> dict:
     best = best_of(evals)
-    return ({"holdout": holdout_summary(held, settings.holdout, held_kept, best.alpha)} if held else {}) | {
+    return ({"holdout": holdout_summary(held, settings.holdout, held_kept, best.alpha)} if held else {}) | (
+        {"alphas_from_earlier_searches": earlier} if earlier else {}) | {
         "evaluations": [evals[a].record() for a in sorted(evals)],
         "best": best.record(),
         "inputs": inputs,
@@ -557,21 +590,20 @@ def _key_of(folder: str) -> str | None:
     return old.get("key") if isinstance(old, dict) else None
 
 
-def _work_folder(report: str, key: str, overwrite: bool) -> str:
+def _work_folder(report: str, key: str, overwrite: bool, say: Callable[[str], None]) -> str:
     """Where this search writes: `report` itself when it holds no other search (or this one's, to resume); else,
-    with `overwrite`, the folder beside the old report that replaces it at the end. Refuses without `overwrite`."""
+    with `overwrite`, the folder beside the old report that replaces it at the end. Refuses without `overwrite`.
+    A complete replacement that stopped while moving its files is finished first, whatever this search is."""
+    work = os.path.join(report, NEW_FOLDER)
+    if _key_of(work) is not None and _complete(work) and not os.path.exists(os.path.join(work, RESPONSES_NAME)):
+        _publish(work, report)
     old = _key_of(report)
     if old is None or old == key:
-        with contextlib.suppress(FileNotFoundError):  # a replacement begun for other settings: abandoned
-            if _key_of(os.path.join(report, NEW_FOLDER)) != key:
-                _remove_tree(os.path.join(report, NEW_FOLDER))
-        if old is None:  # responses of a search that never recorded an evaluation: not this search's
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(report, RESPONSES_NAME))
-        return report
-    work = os.path.join(report, NEW_FOLDER)
-    if _key_of(work) == key and _complete(work) and not os.path.exists(os.path.join(work, RESPONSES_NAME)):
-        _publish(work, report)  # this search finished and was replacing the old report when it stopped
+        if old is None:
+            _remove_stray_responses(report)
+        if _key_of(work) not in (None, key):
+            say(f"an unfinished search with other settings in {work} is kept: the command that started it resumes "
+                "it (with --overwrite)")
         return report
     if not overwrite:
         raise OutputError(f"--report {report} holds a search with other inputs or settings (search.json's key "
@@ -581,6 +613,30 @@ def _work_folder(report: str, key: str, overwrite: bool) -> str:
         _remove_tree(work)
     os.makedirs(work, exist_ok=True)
     return work
+
+
+RESPONSE_KEYS = {"alpha", "prompt_index", "sample", "score", "tokens", "truncated"}
+
+
+def _remove_stray_responses(report: str) -> None:
+    """A responses.jsonl without a search.json: the first responses of a search killed before it recorded them
+    (removed), or a file that is not this tool's (refused, kept)."""
+    path = os.path.join(report, RESPONSES_NAME)
+    try:
+        with open(path) as f:
+            first = f.readline()
+    except FileNotFoundError:
+        return
+    except (OSError, UnicodeDecodeError):
+        first = ""
+    try:
+        ours = not first.strip() or RESPONSE_KEYS <= set(json.loads(first))
+    except (ValueError, TypeError):
+        ours = False
+    if not ours:
+        raise OutputError(f"--report {report} holds a {RESPONSES_NAME} that expo search did not write (and no "
+                          f"{SEARCH_NAME}); move it away or choose another --report folder")
+    os.unlink(path)
 
 
 def _complete(folder: str) -> bool:
@@ -596,15 +652,17 @@ def _remove_tree(folder: str) -> None:
 
 def _publish(work: str, report: str) -> None:
     """Move a complete replacement's files over the old report's, responses.jsonl first and search.json last. A
-    search stopped in between leaves the rest in `work`, and the same command moves it (`_work_folder`)."""
-    order = [RESPONSES_NAME, "search.csv", "search.md", "search.png", SEARCH_NAME]
-    for name in order:
+    search stopped in between leaves the rest in `work`, and the next search into `report` moves it
+    (`_work_folder`): once responses.jsonl has gone, every file missing from `work` has been moved."""
+    if os.path.exists(os.path.join(work, RESPONSES_NAME)):  # not begun: an old plot this search has none of goes
+        for name in ("search.png",):
+            if not os.path.exists(os.path.join(work, name)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(report, name))
+    for name in (RESPONSES_NAME, "search.csv", "search.md", "search.png", SEARCH_NAME):
         src = os.path.join(work, name)
         if os.path.exists(src):
             os.replace(src, os.path.join(report, name))
-        elif name != SEARCH_NAME:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(report, name))  # the old search's plot, say, when this one has none
     _remove_tree(work)
 
 

@@ -34,8 +34,9 @@ if TYPE_CHECKING:
     import torch
 
 
-def _plan(sft: Checkpoint, aligned: Checkpoint, alpha: float, chunk_bytes: int, drop=()) -> Plan:
-    plan = make_plan(sft, aligned, alpha, chunk_bytes=chunk_bytes, drop=drop)
+def _plan(sft: Checkpoint, aligned: Checkpoint, alpha: float, chunk_bytes: int, drop=(),
+          drop_shared: bool = False) -> Plan:
+    plan = make_plan(sft, aligned, alpha, chunk_bytes=chunk_bytes, drop=drop, drop_shared=drop_shared)
     check_copies(plan)
     return plan
 
@@ -62,15 +63,16 @@ class LiveWeights:
     Checked once, before any byte is read: every checkpoint tensor has its model tensor, of its shape (or room for
     it) and dtype (the output dtype `expo extrapolate` would write: the aligned tensor's), and every model tensor
     that is not an alias of another is wholly covered. Raises MismatchError naming all that do not fit.
-    `drop`: the --drop patterns (tensors left out, as `expo extrapolate` leaves them out of its output)."""
+    `drop`, `drop_shared`: the --drop patterns and --drop-shared (tensors left out, as `expo extrapolate` leaves
+    them out of its output)."""
 
     def __init__(self, sft: str | Checkpoint, aligned: str | Checkpoint, tensors: dict[str, torch.Tensor],
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, placement: dict[str, tuple[str, int]] | None = None,
-                 drop=()):
+                 drop=(), drop_shared: bool = False):
         self.sft = sft if isinstance(sft, Checkpoint) else open_checkpoint(sft)
         self.aligned = aligned if isinstance(aligned, Checkpoint) else open_checkpoint(aligned)
-        self.chunk_bytes, self.drop = chunk_bytes, tuple(drop or ())
-        plan = _plan(self.sft, self.aligned, 0.0, chunk_bytes, self.drop)
+        self.chunk_bytes, self.drop, self.drop_shared = chunk_bytes, tuple(drop or ()), drop_shared
+        plan = _plan(self.sft, self.aligned, 0.0, chunk_bytes, self.drop, drop_shared)
         self.targets = _match(plan, tensors, placement or {})
         self.alpha: float | None = None
 
@@ -78,7 +80,7 @@ class LiveWeights:
         """Write theta(alpha) into the tensors, chunk by chunk. CUDA tensors receive each chunk with one copy.
         Returns {tensor name: NaN/Inf element count} of the tensors that hold any (an fp16 or bf16 overflow at a
         large alpha, or NaN/Inf already in an input): such a model is not one to generate with."""
-        plan = _plan(self.sft, self.aligned, alpha, self.chunk_bytes, self.drop)
+        plan = _plan(self.sft, self.aligned, alpha, self.chunk_bytes, self.drop, self.drop_shared)
         views = {name: (_bytes_of(m), offset) for name, (m, offset) in self.targets.items()}
         nonfinite: dict[str, int] = {}
 
@@ -109,12 +111,12 @@ class LiveWeights:
 
 
 def stream_tensors(sft: Checkpoint, aligned: Checkpoint, alpha: float, sink: Callable[[str, torch.Tensor], None],
-                   chunk_bytes: int = DEFAULT_CHUNK_BYTES, drop=()) -> None:
+                   chunk_bytes: int = DEFAULT_CHUNK_BYTES, drop=(), drop_shared: bool = False) -> None:
     """theta(alpha) tensor by tensor: each tensor is assembled from its chunks in one reused host buffer and handed
     to `sink(name, tensor)` (valid only during the call) once complete, in the plan's order."""
     import torch
 
-    plan = _plan(sft, aligned, alpha, chunk_bytes, drop)
+    plan = _plan(sft, aligned, alpha, chunk_bytes, drop, drop_shared)
     largest = max((t.nbytes for t in plan.tensors), default=0)
     buf = np.empty(max(largest, 1), dtype=np.uint8)
 

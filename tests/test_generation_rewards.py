@@ -370,3 +370,32 @@ def test_open_reward_passes_the_timeout(tmp_path):
     assert open_reward(cmd="cat", timeout=None).timeout is None
     with pytest.raises(OptionError, match="--reward-timeout must be a positive"):
         open_reward(cmd="cat", timeout=0)
+
+
+def test_a_commands_identity_names_its_script_through_shell_syntax(tmp_path, monkeypatch):
+    """A script behind a pipe, a `cd` or a `bash -c`, or a $VARIABLE: still hashed, so an edit changes the resume
+    key. A command naming no file has no files (search then says so)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    script = tmp_path / "sub" / "judge.py"
+    script.write_text("print(1)\n")
+    monkeypatch.setenv("JUDGE_DIR", str(tmp_path / "sub"))
+    for cmd in ("python3 sub/judge.py|cat", "cd sub && python3 judge.py", "bash -c 'python3 sub/judge.py'",
+                "python3 $JUDGE_DIR/judge.py"):
+        before = RewardCommand(cmd).identity()
+        assert before["files"], cmd
+        script.write_text("print(2)\n")
+        assert RewardCommand(cmd).identity() != before, cmd
+        script.write_text("print(1)\n")
+    assert RewardCommand("echo 1").identity()["files"] == []
+
+
+def test_a_command_whose_background_child_holds_stdout_is_done_once_it_has_answered(tmp_path, monkeypatch):
+    """The shell prints every score and exits, leaving a child that keeps stdout open (a server started with &):
+    the scores are taken at once, not after --reward-timeout, and the child is stopped."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bg.sh").write_text("while read -r line; do echo 1; done\nsleep 300 &\n")
+    cmd = RewardCommand("sh bg.sh", timeout=30)
+    started = time.monotonic()
+    assert cmd.score([Item("p", None, "r")] * 3) == [1.0, 1.0, 1.0]
+    assert time.monotonic() - started < 10

@@ -666,3 +666,74 @@ def test_holdout_option_errors(chat, tmp_path, fraction, needle):
     with pytest.raises(OptionError, match=needle):
         search(sft, aligned, prompts, str(tmp_path / "rep"), reward_fn="search_rewards:count_w7", alpha="1",
                **(FAST | {"holdout": fraction}))
+
+
+# --- a demanding user's findings ------------------------------------------------------------------------------------
+
+def test_report_write_best_and_prompts_kept_apart(chat, tmp_path):
+    """--write-best into the report folder (or around it) and prompts inside the report folder: refused before
+    anything is evaluated, nothing removed."""
+    from expo_engine import OptionError
+
+    sft, aligned, prompts = chat
+    rep = tmp_path / "rep"
+    for best in (rep, tmp_path, rep / "best"):
+        with pytest.raises(OptionError, match="--write-best .* and --report .* overlap"):
+            search(sft, aligned, prompts, str(rep), reward_fn="search_rewards:count_w7", alpha="1",
+                   write_best=str(best), overwrite=True, **FAST)
+    inside = tmp_path / "rep2"
+    inside.mkdir()
+    (inside / "responses.jsonl").write_text(open(prompts).read())
+    with pytest.raises(OptionError, match="lies inside the --report folder"):
+        search(sft, aligned, str(inside / "responses.jsonl"), str(inside), reward_fn="search_rewards:count_w7",
+               alpha="1", **FAST)
+    assert (inside / "responses.jsonl").read_text() == open(prompts).read()
+
+
+def test_a_responses_file_that_is_not_ours_is_kept(chat, tmp_path):
+    from expo_engine import OutputError
+
+    sft, aligned, prompts = chat
+    rep = tmp_path / "rep"
+    rep.mkdir()
+    (rep / "responses.jsonl").write_text('{"id": 1, "text": "my own data"}\n')
+    with pytest.raises(OutputError, match="holds a responses.jsonl that expo search did not write"):
+        search(sft, aligned, prompts, str(rep), reward_fn="search_rewards:count_w7", alpha="1", **FAST)
+    assert (rep / "responses.jsonl").read_text() == '{"id": 1, "text": "my own data"}\n'
+
+
+def test_a_replacement_stopped_while_publishing_is_finished_first(chat, tmp_path):
+    """A kill between moving responses.jsonl and search.json of an --overwrite replacement: whatever command comes
+    next first finishes that publish, so search.json and responses.jsonl never describe two searches."""
+    from expo_engine import OutputError
+
+    rep, new = tmp_path / "rep", tmp_path / "new"
+    _grid_search(chat, rep, seed=1)
+    _grid_search(chat, new, seed=2, alpha="0.5")
+    staged = rep / ".expo-search-new"
+    shutil.copytree(new, staged)
+    os.replace(staged / "responses.jsonl", rep / "responses.jsonl")  # the state a kill in _publish leaves
+    with pytest.raises(OutputError, match="holds a search with other inputs or settings"):
+        _grid_search(chat, rep, seed=1)  # the old command: the replacement is finished, then this one refused
+    assert not staged.exists()
+    assert json.load(open(rep / "search.json")) == json.load(open(new / "search.json"))
+    assert open(rep / "responses.jsonl").read() == open(new / "responses.jsonl").read()
+
+
+def test_a_second_grid_says_it_uses_the_first(chat, tmp_path, capsys):
+    lines = []
+    rec = _grid_search(chat, tmp_path / "rep", alpha="1,3")
+    rec = _grid_search(chat, tmp_path / "rep", alpha="0.5", on_progress=lines.append)
+    assert rec["alphas_from_earlier_searches"] == [1.0, 3.0] and rec["settings"]["alpha"] == [0.0, 0.5]
+    assert any("also using the evaluation(s) of alpha 1, 3 from an earlier search" in x for x in lines)
+
+
+def test_search_drop_of_a_shared_tensor_is_refused_before_loading(chat, tmp_path):
+    from expo_engine import MismatchError, OptionError
+
+    sft, aligned, prompts = chat
+    lines = []
+    with pytest.raises((MismatchError, OptionError), match="--drop-shared"):
+        search(sft, aligned, prompts, str(tmp_path / "rep"), reward_fn="search_rewards:count_w7", alpha="1",
+               drop=["norm"], on_progress=lines.append, **FAST)
+    assert not any("loaded" in x for x in lines)
