@@ -15,6 +15,12 @@ The tokenizers are consulted whenever both sides have one, also when the row cou
 same size whose tokens were reordered is matched by token string too (`match_rows`), not extrapolated row k against
 row k. Equal row counts with tokenizers that agree id for id need no row map (the plain by-id case).
 
+Which tensors hold one row per token is one rule for both paths (`token_tensors`): embeddings and heads by name,
+and, by shape, a tensor outside the numbered layers whose name says no other kind, with the vocabulary's rows and an
+embedding's row (ChatGLM's `output_layer`, OLMo's `ff_out`) or one number per token (a bias). A tensor that may hold
+the vocabulary in a way that cannot be told (on another axis, as BART's `final_logits_bias` [1, vocab]; or a row
+count that another dimension of the model shares) is refused when the tokens moved, never matched by id silently.
+
 The result is a tuple of segments `(start_row, stop_row, sft_row)`: aligned rows [start, stop) come from SFT rows
 [sft_row, sft_row + stop - start), or, with sft_row None, from the aligned model alone.
 """
@@ -26,7 +32,7 @@ import os
 from dataclasses import dataclass
 
 from .errors import MismatchError, OptionError
-from .naming import classify
+from .naming import classify, listing
 from .sources import Checkpoint
 
 MODES = ("auto", "aligned-extends-sft")
@@ -72,20 +78,25 @@ class RowMap:
 
 def resized(sft: Checkpoint, aligned: Checkpoint, names) -> dict[str, tuple[int, int]]:
     """{name: (SFT rows, aligned rows)} of the tensors among `names` whose first dimension differs and nothing
-    else, and that are vocabulary-like: an embedding or a head by name, or with the two configs' vocab_size as
-    rows. A resized vocabulary when all of them agree on the two row counts."""
-    vocabs = (vocab_size(sft.path), vocab_size(aligned.path))
+    else, and that are vocabulary-like: an embedding or a head by name, or a tensor whose rows are tokens on both
+    sides by `token_tensors`' rule (each side's config vocab_size). A resized vocabulary when all of them agree on
+    the two row counts."""
+    names = list(names)
+    by_rule = set(token_tensors(sft, names, vocab_size(sft.path))[0]) & set(
+        token_tensors(aligned, names, vocab_size(aligned.path))[0])
     out = {}
     for name in names:
         s, a = sft.tensors[name].shape, aligned.tensors[name].shape
         if (s != a and len(s) == len(a) >= 1 and s[1:] == a[1:]
-                and (classify(name)[1] in ("embed", "head") or (s[0], a[0]) == vocabs)):
+                and (_by_name(name) or name in by_rule)):
             out[name] = (s[0], a[0])
     return out
 
 
 def vocab_size(folder: str) -> int | None:
-    """config.json's vocab_size (also under text_config), or None."""
+    """The embedding's row count from config.json (also under text_config): its vocab_size, or its embedding_size
+    where that is larger (OLMo pads the embedding and its head `ff_out` to embedding_size rows; ALBERT and ELECTRA
+    use the key for a smaller embedding width). None without one."""
     try:
         with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
             cfg = json.load(f)
@@ -93,7 +104,8 @@ def vocab_size(folder: str) -> int | None:
         return None
     for c in (cfg, cfg.get("text_config") if isinstance(cfg, dict) else None):
         if isinstance(c, dict) and isinstance(c.get("vocab_size"), int):
-            return c["vocab_size"]
+            padded = c.get("embedding_size")
+            return max(c["vocab_size"], padded) if isinstance(padded, int) else c["vocab_size"]
     return None
 
 
@@ -174,8 +186,9 @@ def match_rows(sft: Checkpoint, aligned: Checkpoint, names,
     """(row map, its tensors) for the vocabulary tensors among `names` (names both sides hold, in output order).
 
     Resized (the row counts differ, all by the same pair): `row_map`. Equal row counts with a tokenizer on both
-    sides: the embeddings and heads with the vocabulary's rows (config.json's vocab_size) are matched by token
-    string when the tokenizers put tokens at other ids; rows whose aligned token the SFT tokenizer lacks are copied
+    sides: the tensors whose rows are tokens (`token_tensors`, with config.json's vocab_size rows) are matched by
+    token string when the tokenizers put tokens at other ids (MismatchError when `token_tensors` is unsure of a
+    tensor, unless `mode="aligned-extends-sft"`); rows whose aligned token the SFT tokenizer lacks are copied
     from the aligned model and counted (`RowMap.new_tokens`); `mode="aligned-extends-sft"` keeps them by id,
     recorded as told. (None, ()) when rows go by id without a record: equal row counts whose tokenizers agree id
     for id, or with a tokenizer on one side only; and resized tensors that disagree on their row counts (plain
@@ -195,15 +208,24 @@ def match_rows(sft: Checkpoint, aligned: Checkpoint, names,
     sft_tokens, aligned_tokens = read_tokens(sft.path), read_tokens(aligned.path)
     if sft_tokens is None or aligned_tokens is None:
         return None, ()
-    tensors = vocabulary_tensors(sft, aligned, names, max(len(sft_tokens), len(aligned_tokens)))
-    if not tensors:
+    names = [n for n in names if sft.tensors[n].shape == aligned.tensors[n].shape]
+    rows = _rows(sft, aligned, names, max(len(sft_tokens), len(aligned_tokens)))
+    tensors, unsure = token_tensors(aligned, names, rows)
+    if not tensors and not unsure:
         return None, ()
-    rows = aligned.tensors[tensors[0]].shape[0]
     if _same_ids(sft_tokens, aligned_tokens, rows):
         return None, ()
-    what = (f"the tokenizers put tokens at other ids in {', '.join(tensors[:3])} ({rows} rows on both sides)")
-    if mode == "aligned-extends-sft":
+    if mode == "aligned-extends-sft":  # every row by id, as told: the unsure tensors' too
         return RowMap(rows, rows, ((0, rows, 0),), "as told"), tuple(tensors)
+    if unsure:
+        raise MismatchError(
+            f"the tokenizers put tokens at other ids, and {listing(unsure, 3)} "
+            f"({', '.join(str(list(aligned.tensors[n].shape)) for n in unsure[:3])}) "
+            f"{'has' if len(unsure) == 1 else 'have'} the vocabulary's {rows} rows in a shape that does not say "
+            "whether they are tokens (the vocabulary axis is not the first, its rows are not the embedding's, or "
+            "another dimension of the model has the same size): its rows are not matched by token string, and "
+            "by id they would pair different tokens; pass --vocab aligned-extends-sft if all rows do go by id")
+    what = (f"the tokenizers put tokens at other ids in {', '.join(tensors[:3])} ({rows} rows on both sides)")
     return _by_string(sft_tokens, aligned_tokens, rows, rows, what), tuple(tensors)
 
 
@@ -231,24 +253,56 @@ def same_tokenizer_files(a: str, b: str) -> bool:
     return found
 
 
-_POSITIONS = ("wpe", "position")  # embeddings by position, not by token: never matched by token string
+# embeddings by position, not by token, and rotary tables: never matched by token string
+_POSITIONS = ("wpe", "position", "rotary", "inv_freq")
 
 
-def vocabulary_tensors(sft: Checkpoint, aligned: Checkpoint, names, tokens: int) -> list[str]:
-    """The tensors among `names` whose rows are the vocabulary, at equal shapes on both sides: embeddings and heads
-    by name (not position embeddings) with config.json's vocab_size rows (both configs agreeing), or, without one,
-    at least `tokens` rows, all of them one row count."""
+def _by_name(name: str) -> bool:
+    return classify(name)[1] in ("embed", "head") and not any(p in name for p in _POSITIONS)
+
+
+def token_tensors(ck: Checkpoint, names, rows: int | None) -> tuple[list[str], list[str]]:
+    """(tensors, unsure) among `names` of `ck`: those whose first dimension is a vocabulary of `rows` rows, and
+    those that may hold one in a way whose rows cannot be matched safely. The one rule of the resized and the
+    equal-size path, so that plan, verify and norms give every such tensor the same row map.
+
+    A tensor's rows are tokens when it has `rows` rows and
+    - it is an embedding or a head by name (naming.classify; position embeddings and rotary tables aside), or
+    - by shape: it sits outside the numbered layers, its name says no other kind (attention, MLP, norm), and its
+      row is an embedding's row (the trailing dims of an embedding or head by name: a head named otherwise,
+      ChatGLM's `transformer.output_layer`, OLMo's top-level `ff_out`) or one number (a bias per token, BERT's
+      `cls.predictions.bias`); only where `rows` is distinctive: no other dimension of the checkpoint (the hidden
+      size, an MLP's width, any dimension inside the layers) has that size, so that a tensor of that shape cannot
+      be something else. An MLP whose width is the vocabulary's row count (tiny models) is never taken: it sits in
+      a numbered layer and its name says MLP.
+    `unsure`: the other tensors outside the layers and of no other kind by name with a dimension of `rows`: the
+    vocabulary on another axis (`final_logits_bias` [1, vocab]: rows are matched along the first dimension only),
+    rows unlike the embedding's, or rows that are not distinctive. None `rows`: nothing."""
+    if rows is None:
+        return [], []
+    names = list(names)
+    shape = {n: tuple(ck.tensors[n].shape) for n in names}
+    named = [n for n in names if _by_name(n) and shape[n][:1] == (rows,)]
+    loose = [n for n in names if n not in named and rows in shape[n] and classify(n) == (None, "other")
+             and not any(p in n for p in _POSITIONS)]
+    row_shapes = {shape[n][1:] for n in named} | {()}
+    elsewhere = set()  # every dimension but the candidates' vocabulary axes
+    for n in names:
+        elsewhere.update(shape[n][1:] if n in named else [d for d in shape[n] if d != rows] if n in loose
+                         else shape[n])
+    taken = [n for n in loose if rows not in elsewhere and shape[n][0] == rows and shape[n][1:] in row_shapes]
+    return named + taken, [n for n in loose if n not in taken]
+
+
+def _rows(sft: Checkpoint, aligned: Checkpoint, names: list[str], tokens: int) -> int | None:
+    """The vocabulary's row count at equal sizes: config.json's vocab_size (both configs agreeing), or else the one
+    row count of the embeddings and heads by name among `names` with at least `tokens` rows."""
     sizes = {vocab_size(sft.path), vocab_size(aligned.path)}
-    n = sizes.pop() if len(sizes) == 1 else None
-    out = []
-    for name in names:
-        s, a = sft.tensors[name].shape, aligned.tensors[name].shape
-        if (s == a and len(a) >= 1 and classify(name)[1] in ("embed", "head")
-                and not any(p in name for p in _POSITIONS) and (a[0] == n if n is not None else a[0] >= tokens)):
-            out.append(name)
-    if len({aligned.tensors[name].shape[0] for name in out}) > 1:
-        return []  # not one vocabulary: nothing to match
-    return out
+    if len(sizes) == 1 and None not in sizes:
+        return sizes.pop()
+    counts = {aligned.tensors[n].shape[0] for n in names if _by_name(n) and aligned.tensors[n].shape
+              and aligned.tensors[n].shape[0] >= tokens}
+    return counts.pop() if len(counts) == 1 else None
 
 
 def _at(tokens: list, i: int):

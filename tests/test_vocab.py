@@ -418,3 +418,150 @@ def test_verify_against_sources_without_their_tokenizers_uses_the_record(tmp_pat
     report = verify(out, *bare)
     assert report.ok, report.problems
     assert any("rows checked as expo.json records them" in n for n in report.notes), report.notes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Heads that naming.classify does not call one (ChatGLM's output_layer): the same row map as the embedding
+
+
+GLM = ("transformer.embedding.word_embeddings.weight", "transformer.output_layer.weight")
+
+
+def _glm_pair(root, order, width: int = 16, tokenizers: bool = True):
+    """A ChatGLM-style pair written with safetensors (transformers has no ChatGLM class): the embedding and the
+    head `transformer.output_layer.weight` of 128 rows, a final norm, and an MLP `width` wide in layer 0. The
+    aligned vocab.json holds SFT token i at id order[i], its embedding and head rows follow, plus a change.
+    Returns (sft folder, aligned folder, sft state, aligned state)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(3)
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(4, 128)]
+    sft = {GLM[0]: torch.randn(128, 16, generator=g), GLM[1]: torch.randn(128, 16, generator=g),
+           "transformer.encoder.final_layernorm.weight": torch.randn(16, generator=g),
+           "transformer.encoder.layers.0.mlp.dense_h_to_4h.weight": torch.randn(width, 16, generator=g)}
+    aligned = {}
+    for name, t in sft.items():
+        moved = t
+        if name in GLM:
+            moved = torch.empty_like(t)
+            moved[torch.tensor(order)] = t
+        aligned[name] = moved + 0.05 * torch.randn(t.shape, generator=g)
+    folders, states = [], []
+    for side, state, vocab in (("sft", sft, {w: i for i, w in enumerate(words)}),
+                               ("aligned", aligned, {w: order[i] for i, w in enumerate(words)})):
+        folder = os.path.join(str(root), side)
+        os.makedirs(folder)
+        state = {n: t.to(torch.bfloat16).contiguous() for n, t in state.items()}
+        save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump({"architectures": ["ChatGLMModel"], "model_type": "chatglm", "vocab_size": 128,
+                       "ffn_hidden_size": width}, f)
+        if tokenizers:
+            with open(os.path.join(folder, "vocab.json"), "w") as f:
+                json.dump(vocab, f)
+        folders.append(folder)
+        states.append(state)
+    return folders[0], folders[1], states[0], states[1]
+
+
+def test_a_head_by_shape_gets_the_embeddings_row_map(tmp_path, capsys):
+    """ChatGLM's head, reordered at equal size: every element of the embedding AND the head is the float64 formula
+    on the rows of the same token (bf16-rounded), not row k against row k; verify and norms take the same rows."""
+    from expo_engine import parameter_norms
+
+    order = _order()
+    sft, aligned, sft_state, aligned_state = _glm_pair(tmp_path, order)
+    out = str(tmp_path / "out")
+    rc, printed, err = run_expo(capsys, "extrapolate", "--sft", sft, "--aligned", aligned, "--alpha", "0.5",
+                                "--out", out, "--chunk-mb", "0.001")
+    assert rc == 0, err
+    assert f"matched by token string, {sum(i != j for i, j in enumerate(order))} row(s) at another id): " \
+           f"{GLM[0]}, {GLM[1]}: 128 row(s) extrapolated" in printed + err
+    source = [0] * 128
+    for i, j in enumerate(order):
+        source[j] = i  # aligned row j holds SFT token i
+    got = load_output(out)
+    for name, a in aligned_state.items():
+        s = sft_state[name][torch.tensor(source)] if name in GLM else sft_state[name]
+        want = (a.double() + 0.5 * (a.double() - s.double())).to(torch.bfloat16)
+        assert torch.equal(got[name], want), name
+    report = verify(out, sft, aligned)
+    assert report.ok, report.problems
+    (norms,) = parameter_norms([sft, aligned])
+    assert sorted(norms.vocab["tensors"]) == sorted(GLM)
+    assert norms.vocab["rows_moved"] == sum(i != j for i, j in enumerate(order))
+
+
+def test_verify_fails_a_head_made_by_id(tmp_path):
+    """The output made row k against row k (from copies of the pair without tokenizers) fails verify against the
+    pair with its tokenizers in both vocabulary tensors: the head too, not the embedding only."""
+    import shutil
+
+    sft, aligned, _, _ = _glm_pair(tmp_path, _order())
+    bare = []
+    for folder in (sft, aligned):
+        shutil.copytree(folder, folder + "-bare", ignore=shutil.ignore_patterns("vocab.json"))
+        bare.append(folder + "-bare")
+    out = str(tmp_path / "by-id")
+    extrapolate(*bare, 0.5, out)
+    assert verify(out, *bare).ok
+    report = verify(out, sft, aligned)
+    assert sorted(t for t, _, _ in report.failing_tensors) == sorted(GLM), report.failing_tensors
+
+
+def test_an_mlp_as_wide_as_the_vocabulary_keeps_its_rows(tmp_path):
+    """intermediate_size == vocab_size (a tiny-model coincidence): the MLP's [128, 32] rows are not tokens (it sits
+    in a numbered layer, its name says MLP) and are extrapolated by id; only the embedding and the head are matched.
+    A head known by its shape only, where the vocabulary's row count is also a layer's: refused, not guessed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from expo_engine.api import prepare
+
+    order = _order()
+    sft, aligned, _, _ = _permuted_pair(tmp_path / "llama", order)
+    config = LlamaConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    torch.manual_seed(5)
+    models = [LlamaForCausalLM(config).to(torch.bfloat16) for _ in range(2)]
+    for model, folder in zip(models, (sft, aligned), strict=True):
+        model.save_pretrained(folder)  # the tokenizers stay; the weights become a model with an MLP 128 wide
+    plan = prepare(sft, aligned, 0.5, str(tmp_path / "out")).plans[0]
+    assert sorted(plan.vocab_tensors) == sorted(ROWS)
+    mlp = [t for t in plan.tensors if t.name.endswith("mlp.up_proj.weight")]
+    assert mlp and all(t.shape == (128, 32) and t.rows == () for t in mlp)
+    sft, aligned, _, _ = _glm_pair(tmp_path / "glm", order, width=128)
+    with pytest.raises(MismatchError, match=r"transformer\.output_layer\.weight \(\[128, 16\]\) has the vocabulary"
+                       r".*--vocab aligned-extends-sft"):
+        extrapolate(sft, aligned, 0.5, str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_which_tensors_hold_token_rows():
+    """`token_tensors`' rule on header shapes alone: by name, by shape outside the layers, and the unsure ones."""
+    from expo_engine.sources import Checkpoint, TensorSlot
+    from expo_engine.vocab import token_tensors
+
+    def ck(shapes):
+        return Checkpoint("x", "/nonexistent", None, "safetensors", (),
+                          {n: TensorSlot(n, "BF16", s, "/f", 0, 0) for n, s in shapes.items()})
+
+    gpt2 = {"transformer.wte.weight": (128, 32), "transformer.wpe.weight": (128, 32), "lm_head.weight": (128, 32),
+            "lm_head.bias": (128,), "transformer.h.0.mlp.c_fc.weight": (32, 128), "transformer.ln_f.weight": (32,)}
+    assert token_tensors(ck(gpt2), gpt2, 128) == (["transformer.wte.weight", "lm_head.weight", "lm_head.bias"], [])
+    olmo = {"model.transformer.wte.weight": (160, 32), "model.transformer.ff_out.weight": (160, 32),
+            "model.transformer.blocks.0.ff_out.weight": (32, 64)}
+    assert token_tensors(ck(olmo), olmo, 160) == (["model.transformer.wte.weight", "model.transformer.ff_out.weight"],
+                                                  [])
+    bert = {"bert.embeddings.word_embeddings.weight": (128, 32), "cls.predictions.decoder.weight": (128, 32),
+            "cls.predictions.bias": (128,), "cls.predictions.transform.dense.weight": (32, 32)}
+    assert token_tensors(ck(bert), bert, 128) == (["bert.embeddings.word_embeddings.weight",
+                                                   "cls.predictions.decoder.weight", "cls.predictions.bias"], [])
+    bart = {"model.shared.weight": (128, 32), "final_logits_bias": (1, 128), "model.encoder.layers.0.fc1.weight":
+            (64, 32)}  # the embeddings by name are ties of model.shared, left out of the file: no row to compare
+    assert token_tensors(ck(bart), bart, 128) == ([], ["model.shared.weight", "final_logits_bias"])
+    bart["model.decoder.embed_tokens.weight"] = (128, 32)
+    assert token_tensors(ck(bart), bart, 128) == (["model.decoder.embed_tokens.weight", "model.shared.weight"],
+                                                  ["final_logits_bias"])
+    square = {"model.embed_tokens.weight": (32, 32), "pooler.dense.weight": (32, 32), "pooler.dense.bias": (32,)}
+    assert token_tensors(ck(square), square, 32) == (["model.embed_tokens.weight"],
+                                                     ["pooler.dense.weight", "pooler.dense.bias"])
