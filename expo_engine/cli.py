@@ -157,8 +157,13 @@ def _parser() -> argparse.ArgumentParser:
                                     "search.csv, search.md, search.png and responses.jsonl.")
     se.add_argument("--sft", required=True, metavar="SRC", help="SFT checkpoint: a folder or org/name[@revision]")
     se.add_argument("--aligned", required=True, metavar="SRC", help="aligned checkpoint (with its tokenizer)")
-    se.add_argument("--prompts", required=True, metavar="FILE",
-                    help="JSONL with `prompt` or `messages` per line, or a text file of one prompt per line")
+    se.add_argument("--prompts", required=True, metavar="SRC",
+                    help="the prompts: a text file (one a line), .jsonl, .json, .parquet, .csv/.tsv, a folder written "
+                         "by datasets' save_to_disk, or a dataset in the Hugging Face cache (org/name[@revision])")
+    se.add_argument("--prompt-field", metavar="NAME", help="the column holding the prompt (default: the first of "
+                    "prompt, instruction, messages, conversations, chosen that a row holds)")
+    se.add_argument("--split", help="the split of a dataset with several (default: train, or the only one)")
+    se.add_argument("--limit", type=_count, metavar="N", help="a seeded sample of N prompts (--seed), in file order")
     se.add_argument("--report", required=True, metavar="DIR", help="where the search's report goes (reused: an "
                     "interrupted search continues)")
     se.add_argument("--reward-model", metavar="RM", help="a sequence-classification reward model (folder or repo id)")
@@ -359,7 +364,8 @@ def _run_search(args) -> int:
                     backend=args.backend, device=args.device, write_best=args.write_best,
                     chat_template=args.chat_template, batch_size=args.batch_size, temperature=args.temperature,
                     overwrite=args.overwrite, drop=args.drop, reward_timeout=args.reward_timeout,
-                    holdout=args.holdout, drop_shared=args.drop_shared, on_progress=say)
+                    holdout=args.holdout, drop_shared=args.drop_shared, prompt_field=args.prompt_field,
+                    split=args.split, limit=args.limit, on_progress=say)
     best = record["best"]
     print(f"expo search: {len(record['evaluations'])} evaluation(s); best alpha {best['alpha']:g} (reward "
           f"{best['reward_mean']:.4g} +- {best['reward_stderr']:.2g}, win rate vs aligned "

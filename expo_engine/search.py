@@ -38,6 +38,7 @@ from .adapters import is_adapter, open_adapter
 from .errors import NonFiniteError, OptionError, OutputError
 from .generation import BACKENDS, Response, Sampling, open_backend
 from .plan import check_alpha, make_plan, parse_alphas
+from .prompts import Prompt, load_prompts
 from .rewards import DEFAULT_REWARD_TIMEOUT, Item, open_reward
 from .sources import Checkpoint, open_checkpoint
 
@@ -52,46 +53,6 @@ SEARCH_NAME, RESPONSES_NAME = "search.json", "responses.jsonl"
 # The weights update's chunk size: its buffers (up to 9 chunks in flight) sit beside the whole model, so smaller than
 # extrapolate's 64 MiB; 8 MiB chunks still read at disk speed (the update is I/O-bound either way).
 SEARCH_CHUNK_BYTES = 8 << 20
-
-
-@dataclass(frozen=True)
-class Prompt:
-    text: str  # the prompt, or a chat prompt's last user turn (what --reward-fn and --reward-cmd get)
-    messages: list | None  # the turns of a chat prompt
-
-
-def load_prompts(path: str) -> list[Prompt]:
-    """JSONL with `prompt` (a string) or `messages` (a chat list) per line, or a text file of one prompt a line."""
-    try:
-        with open(path, encoding="utf-8-sig") as f:  # -sig: a UTF-8 byte-order mark is not part of line 1
-            lines = [line.rstrip("\r\n") for line in f]
-    except (OSError, UnicodeDecodeError) as e:
-        raise OptionError(f"--prompts {path}: cannot read it ({e})") from None
-    lines = [line for line in lines if line.strip()]
-    if not lines:
-        raise OptionError(f"--prompts {path}: holds no prompt")
-    if not (path.endswith(".jsonl") or lines[0].lstrip().startswith("{")):
-        return [Prompt(line, None) for line in lines]
-    prompts, bad = [], []
-    for k, line in enumerate(lines, 1):
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            bad.append(k)
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("prompt"), str):
-            prompts.append(Prompt(rec["prompt"], None))
-        elif (isinstance(rec, dict) and isinstance(rec.get("messages"), list) and rec["messages"]
-              and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in rec["messages"])):
-            users = [m["content"] for m in rec["messages"] if m.get("role") == "user"]
-            prompts.append(Prompt(users[-1] if users else rec["messages"][-1]["content"], rec["messages"]))
-        else:
-            bad.append(k)
-    if bad:
-        shown = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise OptionError(f"--prompts {path}: line(s) {shown} are not JSON objects with a string `prompt` or a "
-                          "`messages` list of {\"role\", \"content\"} turns")
-    return prompts
 
 
 @dataclass
@@ -370,7 +331,8 @@ def search(sft: str, aligned: str, prompts: str, report: str, *, reward_model: s
            device: str = "auto", write_best: str | None = None, chat_template: bool = True,
            batch_size: int = 8, temperature: float = 0.7, chunk_bytes: int = SEARCH_CHUNK_BYTES,
            overwrite: bool = False, drop=(), reward_timeout: float | None = DEFAULT_REWARD_TIMEOUT,
-           holdout: float = DEFAULT_HOLDOUT, drop_shared: bool = False,
+           holdout: float = DEFAULT_HOLDOUT, drop_shared: bool = False, prompt_field: str | None = None,
+           split: str | None = None, limit: int | None = None,
            on_progress: Callable[[str], None] | None = None) -> dict:
     """Evaluate alphas with a reward signal and return the search record (what `DIR/search.json` holds):
     `{"evaluations": [...], "best": {...}, "inputs": {...}, "settings": {...}}`.
@@ -381,9 +343,11 @@ def search(sft: str, aligned: str, prompts: str, report: str, *, reward_model: s
     score before it and its process group are killed).
     `write_best`: also write the best alpha's model there with `extrapolate` (its expo.json records the search's
     digest); checked before the first evaluation. `drop`: tensors left out, as `expo extrapolate --drop` does.
-    `holdout`: the share of the prompts (a seeded draw) never used to choose alpha; the chosen alpha and alpha = 0
-    are evaluated on them at the end (`record["holdout"]`: the paired improvement, its standard error, the win
-    rate, the mean lengths). 0 turns it off. `on_progress` receives one line per step.
+    `prompts`: a file, a `datasets` folder or a cached Hub dataset (`prompts.load_prompts`, with `prompt_field`,
+    `split` and a seeded sample of `limit` rows). `holdout`: the share of the prompts (a seeded draw) never used
+    to choose alpha; the chosen alpha and alpha = 0 are evaluated on them at the end (`record["holdout"]`: the
+    paired improvement, its standard error, the win rate, the mean lengths). 0 turns it off. `on_progress`
+    receives one line per step.
 
     Evaluations already in `report` for the same inputs and settings are reused. A report of a search with other
     inputs or settings is kept unless `overwrite`; with it, the new search runs beside the old report (in
@@ -399,7 +363,7 @@ def search(sft: str, aligned: str, prompts: str, report: str, *, reward_model: s
     drop = tuple(drop or ())
     _check_apart(report, prompts, write_best)
     report = check_report(report)
-    prompt_list = load_prompts(prompts)
+    prompt_list = load_prompts(prompts, field=prompt_field, split=split, limit=limit, seed=seed)
     select, held = split_prompts(len(prompt_list), holdout, seed)
     sft_ck = open_checkpoint(sft)
     adapter = open_adapter(aligned, sft_ck) if is_adapter(aligned) else None  # every check expo extrapolate makes
@@ -420,8 +384,12 @@ def search(sft: str, aligned: str, prompts: str, report: str, *, reward_model: s
         say("note: the reward command names no file that exists here, so the resume key cannot see an edit to the "
             "script it runs; after editing one, pass another --report (or --overwrite)")
     inputs = {"sft": _identity(sft_ck), "aligned": _folder_identity(adapter.path) if adapter else _identity(aligned_ck),
-              "prompts": os.path.abspath(prompts),
-              "prompts_sha256": _sha256(prompts), "n_prompts": len(prompt_list), "reward": reward.identity()}
+              "prompts": os.path.abspath(prompts) if os.path.exists(prompts) else prompts,
+              "prompt_field": prompt_field, "split": split, "limit": limit,
+              # the prompts as read (texts and turns): what the evaluations depend on, whatever they were read from
+              "prompts_sha256": hashlib.sha256(json.dumps([[p.text, p.messages] for p in prompt_list],
+                                                          sort_keys=True).encode()).hexdigest(),
+              "n_prompts": len(prompt_list), "reward": reward.identity()}
     key = hashlib.sha256(json.dumps([inputs, settings.record()], sort_keys=True).encode()).hexdigest()
 
     with _locked(report):

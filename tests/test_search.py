@@ -16,7 +16,8 @@ from helpers import assert_user_error, chat_pair, expo_process, llama_config, sn
 
 from expo_engine import extrapolate, search, verify
 from expo_engine.generation import Response
-from expo_engine.search import COARSE, Evaluation, best_of, evaluate, load_prompts, next_alpha
+from expo_engine.prompts import load_prompts
+from expo_engine.search import COARSE, Evaluation, best_of, evaluate, next_alpha
 from expo_engine.weights import LiveWeights
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
