@@ -8,6 +8,11 @@ steps, and on each one `expo search --alpha auto` (budget 8) picks alpha; an exh
 evaluated too, to see what the search missed. Prints a Markdown report (the paper's Table 2 in miniature).
 
     python benchmarks/bench_search_toy.py --workdir /tmp/toy [--markdown docs/search.md]
+                                          [--backend transformers,vllm --heads 1]
+
+`--backend` lists the inference backends to search with, on the same checkpoints and prompts (vllm: in a venv with
+vllm installed; its CPU attention needs head_dim 64, hence `--heads 1` for hidden 64). `--heads` changes the toy
+model, so compare backends within one run.
 
 A few minutes on 2 cores. Everything is seeded; the numbers repeat on the same machine and library versions.
 """
@@ -44,12 +49,15 @@ def tokenizer():
     return t
 
 
+HEADS = [4]  # attention heads (hidden 64): --heads
+
+
 def model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, bos_token_id=1,
-                      eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=HEADS[0],
+                      num_key_value_heads=max(1, HEADS[0] // 2), vocab_size=128, max_position_embeddings=64,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
     return LlamaForCausalLM(cfg)
 
 
@@ -123,7 +131,11 @@ def main() -> None:
     p.add_argument("--sft-steps", type=int, default=400)
     p.add_argument("--dpo-steps", type=int, default=300)
     p.add_argument("--markdown", metavar="FILE", help="append the report to FILE")
+    p.add_argument("--backend", default="transformers", help="comma-separated: transformers, vllm")
+    p.add_argument("--heads", type=int, default=4, help="attention heads of the toy model (hidden 64)")
     args = p.parse_args()
+    HEADS[0] = args.heads
+    backends = args.backend.split(",")
     from expo_engine import search
 
     os.makedirs(args.workdir, exist_ok=True)
@@ -161,40 +173,53 @@ def main() -> None:
     rows = []
     sft_reward = None
     for step, folder in sorted(saves.items()):
-        t = time.monotonic()
-        auto = search(sft_dir, folder, prompts, folder + "-search", alpha="auto", budget=8, **common)
-        grid = search(sft_dir, folder, prompts, folder + "-grid", alpha=",".join(map(str, GRID)), **common)
-        if sft_reward is None:
-            sft_reward = search(sft_dir, sft_dir, prompts, os.path.join(args.workdir, "sft-eval"), alpha="0",
-                                **common)["evaluations"][0]
-        rows.append((step, auto, grid, time.monotonic() - t))
-        print(f"DPO {step} steps: aligned {auto['evaluations'][0]['reward_mean']:.3f}, search alpha "
-              f"{auto['best']['alpha']:g} -> {auto['best']['reward_mean']:.3f} in {len(auto['evaluations'])} "
-              f"evaluations; grid best {grid['best']['alpha']:g} -> {grid['best']['reward_mean']:.3f}",
-              file=sys.stderr, flush=True)
+        for backend in backends:
+            t = time.monotonic()
+            tag = "" if backend == "transformers" else f"-{backend}"
+            auto = search(sft_dir, folder, prompts, folder + f"-search{tag}", alpha="auto", budget=8,
+                          backend=backend, **common)
+            t_auto = time.monotonic() - t
+            grid = search(sft_dir, folder, prompts, folder + f"-grid{tag}", alpha=",".join(map(str, GRID)),
+                          backend=backend, holdout=0, **common)
+            if sft_reward is None:
+                sft_reward = search(sft_dir, sft_dir, prompts, os.path.join(args.workdir, "sft-eval"), alpha="0",
+                                    holdout=0, **common)["evaluations"][0]
+            rows.append((step, backend, auto, grid, t_auto))
+            h = auto["holdout"]
+            print(f"DPO {step} steps, {backend}: aligned {auto['evaluations'][0]['reward_mean']:.3f}, search alpha "
+                  f"{auto['best']['alpha']:g} -> {auto['best']['reward_mean']:.3f} in {len(auto['evaluations'])} "
+                  f"evaluations, held out {h['improvement']:+.3f} +- {h['improvement_stderr']:.3f}; grid best "
+                  f"{grid['best']['alpha']:g} -> {grid['best']['reward_mean']:.3f}", file=sys.stderr, flush=True)
     lines = ["### The toy reproduction (`benchmarks/bench_search_toy.py`)", "",
              f"- command: `python benchmarks/bench_search_toy.py {' '.join(sys.argv[1:])}`",
              f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}; machine: {os.cpu_count()} cores, "
              f"{platform.platform()}; torch {torch.__version__}",
-             f"- SFT {args.sft_steps} steps, DPO {args.dpo_steps} steps (beta 0.1, lr 1e-4), training "
-             f"{trained:.0f} s; {PROMPTS} prompts x 2 samples, max 16 new tokens, temperature 0.7, seed 42",
+             f"- SFT {args.sft_steps} steps, DPO {args.dpo_steps} steps (beta 0.1, lr 1e-4), {args.heads} attention "
+             f"head(s), training {trained:.0f} s; {PROMPTS} prompts x 2 samples (the search: 36 choose alpha, 12 "
+             "held out; the grid: all 48), max 16 new tokens, temperature 0.7, seed 42",
              f"- reward: share of good words minus 0.1 per word past 12; SFT model: "
              f"{sft_reward['reward_mean']:.3f} ± {sft_reward['reward_stderr']:.3f}", "",
-             "| checkpoint | aligned reward | + ExPO (search) | alpha chosen | evaluations | win rate vs aligned "
-             "| exhaustive grid best (alpha) | seconds (search, grid) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for step, auto, grid, secs in rows:
-        a0, b, gb = auto["evaluations"][0], auto["best"], grid["best"]
-        lines.append(f"| DPO {round(100 * step / args.dpo_steps)} % ({step} steps) | {a0['reward_mean']:.3f} ± "
-                     f"{a0['reward_stderr']:.3f} | {b['reward_mean']:.3f} ± {b['reward_stderr']:.3f} | "
-                     f"{b['alpha']:g} | {len(auto['evaluations'])} | {b['win_rate_vs_aligned']:.2f} | "
-                     f"{gb['reward_mean']:.3f} ({gb['alpha']:g}) | {secs:.0f} |")
+             "| checkpoint | backend | aligned reward | + ExPO (search) | alpha chosen | evaluations | win rate vs "
+             "aligned | held out: improvement (win rate) | exhaustive grid best (alpha) | search s (weights, "
+             "generation, scoring) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for step, backend, auto, grid, secs in rows:
+        a0, b, gb, h = auto["evaluations"][0], auto["best"], grid["best"], auto["holdout"]
+        spent = {k: sum(e[k] for e in auto["evaluations"]) for k in ("weights_seconds", "generate_seconds",
+                                                                      "score_seconds")}
+        lines.append(f"| DPO {round(100 * step / args.dpo_steps)} % ({step} steps) | {backend} | "
+                     f"{a0['reward_mean']:.3f} ± {a0['reward_stderr']:.3f} | {b['reward_mean']:.3f} ± "
+                     f"{b['reward_stderr']:.3f} | {b['alpha']:g} | {len(auto['evaluations'])} | "
+                     f"{b['win_rate_vs_aligned']:.2f} | {h['improvement']:+.3f} ± {h['improvement_stderr']:.3f} "
+                     f"({h['win_rate_vs_aligned']:.2f}) | {gb['reward_mean']:.3f} ({gb['alpha']:g}) | {secs:.0f} "
+                     f"({spent['weights_seconds']:.1f}, {spent['generate_seconds']:.1f}, "
+                     f"{spent['score_seconds']:.1f}) |")
     report = "\n".join(lines) + "\n"
     print(report)
     if args.markdown:
         with open(args.markdown, "a") as f:
             f.write("\n" + report)
-    json.dump({"rows": [{"step": s, "auto": a, "grid": gr} for s, a, gr, _ in rows]},
+    json.dump({"rows": [{"step": s, "backend": be, "auto": a, "grid": gr} for s, be, a, gr, _ in rows]},
               open(os.path.join(args.workdir, "toy.json"), "w"), indent=1)
 
 

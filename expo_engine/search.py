@@ -226,8 +226,11 @@ def next_alpha(evals: dict[float, Evaluation], grid: tuple[float, ...] | None, b
         sides = [min(above)] if above else []
         if below and (max(below) > 0 or b <= COARSE[0]):
             sides.append(max(below) or b / 10)  # alpha = 0 counts as a decade below
-        # the wider side first; on a tie (the ladder's geometric steps), the side of the better neighbour
-        sides.sort(key=lambda far: (-round(abs(math.log(far / b)), 9), -_score(evals.get(far, evals[0.0]))))
+        # toward a degenerate neighbour above first: the reward rises to b and the best alpha is typically just
+        # short of degeneration (the paper's "sharp drops" past it); else the wider side, and on a tie (the
+        # ladder's geometric steps) the side of the better neighbour
+        sides.sort(key=lambda far: (not (far > b and evals[far].degenerate), -round(abs(math.log(far / b)), 9),
+                                    -_score(evals.get(far, evals[0.0]))))
         candidates = [b * (far / b) ** GOLDEN for far in sides]
     for c in (float(f"{c:.3g}") for c in candidates):
         if c >= MIN_ALPHA and not any(_same(c, a) for a in evals):
