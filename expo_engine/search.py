@@ -35,8 +35,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .adapters import is_adapter, open_adapter
+from .backends import BACKENDS, open_backend
 from .errors import NonFiniteError, OptionError, OutputError
-from .generation import BACKENDS, Response, Sampling, open_backend
+from .generation import Response, Sampling
 from .plan import check_alpha, make_plan, parse_alphas
 from .prompts import Prompt, load_prompts
 from .rewards import DEFAULT_REWARD_TIMEOUT, Item, open_reward

@@ -19,8 +19,9 @@ import torch
 from helpers import llama_config, save_model, tiny_tokenizer
 
 from expo_engine import rewards
+from expo_engine.backends import open_backend
 from expo_engine.errors import OptionError, RewardError
-from expo_engine.generation import Response, Sampling, open_backend, render
+from expo_engine.generation import Response, Sampling, render
 from expo_engine.rewards import Item, RewardCommand, RewardFunction, RewardModel, open_reward
 from expo_engine.sources import open_checkpoint
 

