@@ -28,13 +28,14 @@ Reading parquet needs pyarrow; folders and Hub datasets need `datasets` (both in
 from __future__ import annotations
 
 import csv
+import dataclasses
 import glob
 import json
 import os
 import random
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import OptionError
 
@@ -49,6 +50,7 @@ _SHOWN = 5  # bad rows named in an error
 class Prompt:
     text: str  # the prompt, or a chat prompt's last user turn (what --reward-fn and --reward-cmd get)
     messages: list | None  # the turns of a chat prompt, those before its last assistant turn; None for plain text
+    row: int | None = field(default=None, compare=False)  # where it was read: a file's line (from 1), else an index
 
 
 @dataclass
@@ -103,7 +105,7 @@ def load_prompts(path: str, *, field: str | None = None, split: str | None = Non
         else:
             got = _to_prompt(row, name)
             if isinstance(got, Prompt):
-                prompts.append(got)
+                prompts.append(dataclasses.replace(got, row=source.numbers[i] if source.numbers is not None else i))
                 continue
         bad.append(source.numbers[i] if source.numbers is not None else i)
         why = why or f"{'line' if source.unit == 'line' else 'index'} {bad[0]}: {got}"
@@ -211,7 +213,7 @@ def _open(path: str, split: str | None, label: str) -> list[Prompt] | _Table:
     if not lines:
         raise OptionError(f"{label}: holds no prompt")
     if not (suffix in (".jsonl", ".ndjson") or lines[0][1].lstrip().startswith("{")):
-        return [Prompt(line, None) for _, line in lines]
+        return [Prompt(line, None, number) for number, line in lines]
     return _json_lines(lines, label)
 
 
@@ -295,7 +297,9 @@ def _is_object(line: str) -> bool:
 def _csv(path: str, label: str, delimiter: str) -> _Table:
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f, delimiter=delimiter)
+            # a .tsv is tab-separated fields as they are: no quote handling (a prompt may begin with a quote)
+            reader = csv.DictReader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else
+                                    csv.QUOTE_MINIMAL)
             rows, numbers = [], []
             for row in reader:
                 rows.append(row)

@@ -100,12 +100,13 @@ def split_prompts(n: int, fraction: float, seed: int) -> tuple[list[int], list[i
     return sorted(order[k:]), sorted(order[:k])
 
 
-def holdout_summary(held: list[int], fraction: float, held_kept: dict[float, HeldOut], best: float) -> dict:
+def holdout_summary(held: list[int], fraction: float, held_kept: dict[float, HeldOut], best: float,
+                    rows: list | None = None) -> dict:
     """The held-out record: which prompts and alphas, and once alpha 0 and the chosen alpha are both evaluated on
     them, the paired improvement (mean of chosen - aligned per response) with its standard error, the win rate
     (ties count half) and the mean lengths."""
     out = {"fraction": fraction, "n_prompts": len(held), "prompt_indices": held,
-           "evaluated_alphas": sorted(held_kept)}
+           "evaluated_alphas": sorted(held_kept)} | ({"rows": rows} if rows is not None else {})
     if 0.0 not in held_kept or best not in held_kept:
         return out
     base, chosen = held_kept[0.0], held_kept[best]
@@ -121,6 +122,9 @@ def holdout_summary(held: list[int], fraction: float, held_kept: dict[float, Hel
 
 
 def describe_holdout(h: dict) -> str:
+    if h["alpha"] == 0:
+        return (f"{h['n_prompts']} prompt(s) never used to choose alpha: the chosen alpha is 0 (the aligned model), "
+                f"which scores {h['reward_mean']:.4g} on them; no extrapolation to estimate")
     return (f"{h['n_prompts']} prompt(s) never used to choose alpha: alpha {h['alpha']:g} scores "
             f"{h['reward_mean']:.4g} against {h['baseline_reward_mean']:.4g} at alpha 0, an improvement of "
             f"{h['improvement']:+.4g} +- {h['improvement_stderr']:.2g}; win rate {h['win_rate_vs_aligned']:.2f}, "
@@ -372,7 +376,8 @@ def search(sft: str, aligned: str, prompts: str, report: str, *, reward_model: s
     sft_ck = open_checkpoint(sft)
     adapter = open_adapter(aligned, sft_ck) if is_adapter(aligned) else None  # every check expo extrapolate makes
     aligned_ck = adapter.aligned if adapter else open_checkpoint(aligned)
-    make_plan(sft_ck, aligned_ck, 0.0, drop=drop, drop_shared=drop_shared)  # the pair's checks, before any loading
+    base_ck = adapter.sft if adapter else sft_ck  # the SFT side as planned: with a head written out when untied
+    make_plan(base_ck, aligned_ck, 0.0, drop=drop, drop_shared=drop_shared)  # the pair's checks, before any loading
     if write_best:  # every check of the final write (output path, the plan), before hours of evaluations
         from .api import prepare
 
@@ -394,10 +399,13 @@ def search(sft: str, aligned: str, prompts: str, report: str, *, reward_model: s
               "prompts_sha256": hashlib.sha256(json.dumps([[p.text, p.messages] for p in prompt_list],
                                                           sort_keys=True).encode()).hexdigest(),
               "n_prompts": len(prompt_list), "reward": reward.identity()}
-    key = hashlib.sha256(json.dumps([inputs, settings.record()], sort_keys=True).encode()).hexdigest()
+    # where the prompts came from is recorded, but the key holds them as read: the same prompts from another file
+    # (or another --limit that picks the same rows) are the same search
+    keyed = {k: v for k, v in inputs.items() if k not in ("prompts", "prompt_field", "split", "limit")}
+    key = hashlib.sha256(json.dumps([keyed, settings.record()], sort_keys=True).encode()).hexdigest()
 
     with _locked(report):
-        work = _work_folder(report, key, overwrite, say)
+        work = _work_folder(report, key, overwrite, say, {"inputs": keyed, "settings": settings.record()})
         evals, kept, held_kept = _resume(work, key)
         if work != report:
             say(f"the search in {report} was for other inputs or settings (--overwrite): this one runs in {work} "
@@ -408,7 +416,7 @@ def search(sft: str, aligned: str, prompts: str, report: str, *, reward_model: s
         if earlier:
             say(f"also using the evaluation(s) of alpha {', '.join(f'{a:g}' for a in earlier)} from an earlier "
                 "search into this report, outside this grid: the best is chosen among all")
-        model = open_backend(backend, sft_ck, aligned_ck, dev, chunk_bytes, drop=drop, adapter=adapter,
+        model = open_backend(backend, base_ck, aligned_ck, dev, chunk_bytes, drop=drop, adapter=adapter,
                              drop_shared=drop_shared)
         say(f"loaded {aligned_ck.source} with {backend} on {dev} in {model.load_seconds:.1f} s; "
             f"{len(select)} prompt(s) x {samples} sample(s) to choose alpha"
@@ -438,7 +446,8 @@ def search(sft: str, aligned: str, prompts: str, report: str, *, reward_model: s
             return responses, rewards, timing
 
         def current() -> dict:
-            return _record(evals, inputs, settings, key, grid, budget, applied, held, held_kept, earlier)
+            return _record(evals, inputs, settings, key, grid, budget, applied, held, held_kept, earlier,
+                           [prompt_list[i].row for i in held])
 
         while (a := next_alpha(evals, grid, budget)) is not None:
             label = f"[{len(evals) + 1}] alpha {a:g}"
@@ -464,8 +473,6 @@ def search(sft: str, aligned: str, prompts: str, report: str, *, reward_model: s
             _write_json(os.path.join(work, SEARCH_NAME), record)
         record = current() | {"complete": True}
         _write_json(os.path.join(work, SEARCH_NAME), record)
-        if record.get("holdout"):
-            say(f"held out: {describe_holdout(record['holdout'])}")
         model = reward = None  # the model's memory goes back before the plot (matplotlib) and --write-best need theirs
         write_reports(work, record)
         if work != report:
@@ -520,9 +527,10 @@ def _grid(alpha) -> tuple[float, ...] | None:
 
 
 def _record(evals: dict[float, Evaluation], inputs: dict, settings: Settings, key: str, grid, budget: int,
-            applied: dict, held: list[int], held_kept: dict[float, HeldOut], earlier: list[float]) -> dict:
+            applied: dict, held: list[int], held_kept: dict[float, HeldOut], earlier: list[float],
+            rows: list | None = None) -> dict:
     best = best_of(evals)
-    return ({"holdout": holdout_summary(held, settings.holdout, held_kept, best.alpha)} if held else {}) | (
+    return ({"holdout": holdout_summary(held, settings.holdout, held_kept, best.alpha, rows)} if held else {}) | (
         {"alphas_from_earlier_searches": earlier} if earlier else {}) | {
         "evaluations": [evals[a].record() for a in sorted(evals)],
         "best": best.record(),
@@ -562,7 +570,7 @@ def _key_of(folder: str) -> str | None:
     return old.get("key") if isinstance(old, dict) else None
 
 
-def _work_folder(report: str, key: str, overwrite: bool, say: Callable[[str], None]) -> str:
+def _work_folder(report: str, key: str, overwrite: bool, say: Callable[[str], None], now: dict) -> str:
     """Where this search writes: `report` itself when it holds no other search (or this one's, to resume); else,
     with `overwrite`, the folder beside the old report that replaces it at the end. Refuses without `overwrite`.
     A complete replacement that stopped while moving its files is finished first, whatever this search is."""
@@ -578,13 +586,29 @@ def _work_folder(report: str, key: str, overwrite: bool, say: Callable[[str], No
                 "it (with --overwrite)")
         return report
     if not overwrite:
-        raise OutputError(f"--report {report} holds a search with other inputs or settings (search.json's key "
-                          "differs); pass --overwrite to replace it (it is kept until the new search is complete), "
-                          "or choose another --report folder")
+        raise OutputError(f"--report {report} holds a search with other inputs or settings ({_differences(report, now)}"
+                          "); pass --overwrite to replace it (it is kept until the new search is complete), or "
+                          "choose another --report folder")
     if _key_of(work) not in (None, key):
         _remove_tree(work)
     os.makedirs(work, exist_ok=True)
     return work
+
+
+def _differences(report: str, now: dict) -> str:
+    """What differs between the search recorded in `report` and this one, by name (its inputs and settings)."""
+    try:
+        with open(os.path.join(report, SEARCH_NAME)) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return "search.json's key differs"
+    names = []
+    for part in ("inputs", "settings"):
+        was, new = old.get(part) or {}, now[part]
+        names += [f"{part}.{k}" for k in sorted(set(was) | set(new))
+                  if k not in ("prompts", "prompt_field", "split", "limit", "generation", "alpha", "budget",
+                               "degenerate_if") and was.get(k) != new.get(k)]
+    return "differing: " + ", ".join(names) if names else "search.json's key differs"
 
 
 RESPONSE_KEYS = {"alpha", "prompt_index", "sample", "score", "tokens", "truncated"}
@@ -678,7 +702,8 @@ def _append_responses(report: str, alpha: float, prompts: list[Prompt], indices:
     with open(os.path.join(report, RESPONSES_NAME), "a") as f:
         for k, rs in zip(indices, responses, strict=True):
             for j, r in enumerate(rs):
-                f.write(json.dumps({"alpha": alpha, "split": split, "prompt_index": k, "sample": j,
+                f.write(json.dumps({"alpha": alpha, "split": split, "prompt_index": k, "row": prompts[k].row,
+                                    "sample": j,
                                     "prompt": prompts[k].text, "response": r.text, "score": next(scores),
                                     "tokens": r.tokens, "truncated": r.truncated,
                                     "nonfinite": r.nonfinite}) + "\n")

@@ -390,3 +390,18 @@ def test_options_that_do_not_apply(tmp_path):
     one_line_error(r"--split test applies to a dataset folder.*: drop --split", path, split="test")
     path = write(tmp_path / "p.json", '[{"prompt": "a"}]')
     one_line_error(r"--split test: this file is one list, with no splits: drop --split", path, split="test")
+
+
+def test_a_tsv_keeps_quotes_as_written(tmp_path):
+    """Tab-separated fields are taken as they are: a prompt that begins with a quote keeps it."""
+    path = tmp_path / "q.tsv"
+    path.write_text('prompt\tid\n"Quote" me on this\t1\nplain\t2\n')
+    assert [p.text for p in load_prompts(str(path))] == ['"Quote" me on this', "plain"]
+
+
+def test_prompts_know_their_rows(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("a\n\nb\nc\n")
+    assert [p.row for p in load_prompts(str(path))] == [1, 3, 4]
+    assert [p.row for p in load_prompts(str(path), limit=2, seed=1)] == [p.row for p in load_prompts(
+        str(path), limit=2, seed=1)]

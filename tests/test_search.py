@@ -717,3 +717,32 @@ def test_search_drop_of_a_shared_tensor_is_refused_before_loading(chat, tmp_path
         search(sft, aligned, prompts, str(tmp_path / "rep"), reward_fn="search_rewards:count_w7", alpha="1",
                drop=["norm"], on_progress=lines.append, **FAST)
     assert not any("loaded" in x for x in lines)
+
+
+def test_the_same_prompts_from_another_file_resume_and_a_refusal_names_what_differs(chat, tmp_path):
+    from expo_engine import OutputError
+
+    sft, aligned, prompts = chat
+    copy = tmp_path / "copy.txt"
+    shutil.copy(prompts, copy)
+    rep = tmp_path / "rep"
+    first = _grid_search(chat, rep)
+    lines = []
+    again = search(sft, aligned, str(copy), str(rep), reward_fn="search_rewards:count_w7", alpha="1",
+                   on_progress=lines.append, **FAST)
+    assert again["key"] == first["key"] and any("resuming: 2 evaluation(s)" in x for x in lines)
+    with pytest.raises(OutputError, match=r"differing: settings\.sampling\)"):
+        _grid_search(chat, rep, seed=5)
+
+
+def test_held_out_rows_are_file_rows_under_limit(chat, tmp_path):
+    sft, aligned, _ = chat
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"w{10 + k} w{20 + k}\n\n" for k in range(12)))  # blank lines: rows are 1, 3, 5, ..
+    rec = search(sft, aligned, str(prompts), str(tmp_path / "rep"), reward_fn="search_rewards:count_w7", alpha="1",
+                 limit=8, **(FAST | {"holdout": 0.25}))
+    h = rec["holdout"]
+    rows = [json.loads(x) for x in open(tmp_path / "rep" / "responses.jsonl")]
+    text = open(prompts).read().splitlines()
+    assert len(h["rows"]) == 2 and all(text[r - 1] == x["prompt"] for x in rows for r in [x["row"]])
+    assert {x["row"] for x in rows if x["split"] == "holdout"} == set(h["rows"])

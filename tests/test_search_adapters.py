@@ -32,17 +32,43 @@ def _pair(root, case):
     return base_dir, ad_dir
 
 
-@pytest.mark.parametrize("case", ["qv", "mlp-rslora", "saved-head"])
+def _tied_pair(root, modules):
+    """A tied-embedding Llama (no lm_head.weight in its checkpoint) and a q/v adapter that saves `modules` whole:
+    expo's merged output unties them (the head stays the SFT's embedding, as in PEFT's model)."""
+    from helpers import llama_config
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(llama_config(tied=True))
+    base_dir, ad_dir = os.path.join(str(root), "tied-base"), os.path.join(str(root), "tied-adapter")
+    base.save_pretrained(base_dir)
+    tiny_tokenizer().save_pretrained(base_dir)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            modules_to_save=modules))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    model.save_pretrained(ad_dir)
+    return base_dir, ad_dir
+
+
+@pytest.mark.parametrize("case", ["qv", "mlp-rslora", "saved-head", "tied-saved-embed", "tied-saved-head"])
 def test_scaled_adapter_equals_the_merged_model(case, tmp_path):
     """After load_weights(alpha) the live PEFT model's logits equal those of transformers loading `expo
     extrapolate`'s merged output for that alpha (float32: to 1e-5 of the logits' scale), for alphas set in an order
     that would show a scaling compounded from the previous one (2.5 after 0.5, then 0)."""
     from transformers import AutoModelForCausalLM
 
-    base_dir, ad_dir = _pair(tmp_path, case)
+    if case.startswith("tied"):
+        base_dir, ad_dir = _tied_pair(tmp_path, ["embed_tokens" if case.endswith("embed") else "lm_head"])
+    else:
+        base_dir, ad_dir = _pair(tmp_path, case)
     sft = open_checkpoint(base_dir)
     adapter = open_adapter(ad_dir, sft)
-    backend = open_backend("transformers", sft, adapter.aligned, "cpu", 1 << 20, adapter=adapter)
+    backend = open_backend("transformers", adapter.sft, adapter.aligned, "cpu", 1 << 20, adapter=adapter)
     ids = torch.tensor([[1, 10, 20, 30, 40, 50, 60, 70]])
     for alpha in (0.5, 2.5, 0.0):
         assert backend.load_weights(alpha) == {}
@@ -56,10 +82,12 @@ def test_scaled_adapter_equals_the_merged_model(case, tmp_path):
         assert (live - want).abs().max() <= 1e-5 * want.abs().max(), (case, alpha)
 
 
-def test_search_with_an_adapter_end_to_end(tmp_path):
+@pytest.mark.parametrize("tied", [False, True])
+def test_search_with_an_adapter_end_to_end(tmp_path, tied):
     """A whole search on an adapter (greedy, a grid), the report's key covering the adapter's files, and
-    --write-best writing the merged model of the best alpha."""
-    base_dir, ad_dir = _pair(tmp_path, "saved-head")
+    --write-best writing the merged model of the best alpha; also for a tied model whose adapter saves the
+    embedding (the output is untied)."""
+    base_dir, ad_dir = _tied_pair(tmp_path, ["embed_tokens"]) if tied else _pair(tmp_path, "saved-head")
     prompts = tmp_path / "p.txt"
     prompts.write_text("w10 w11\nw20\nw30 w31\nw40\n")
     rep, best = str(tmp_path / "rep"), str(tmp_path / "best")
