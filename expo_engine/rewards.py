@@ -18,7 +18,6 @@ else) when the signal fails; non-finite scores are refused.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import inspect
 import json
@@ -35,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import OptionError, RewardError
+from .sources import file_sha256
 
 DEFAULT_REWARD_TIMEOUT = 600.0  # seconds a reward command may go without printing a score (see RewardCommand)
 PROGRESS_SECONDS = 10.0  # at most one progress line per this many seconds while scoring
@@ -99,14 +99,6 @@ class _Throttle:
             self.on_progress(line())
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 class RewardFunction:
     def __init__(self, spec: str):
         module, _, name = spec.partition(":")
@@ -130,7 +122,7 @@ class RewardFunction:
         files = []
         for path in (getattr(self.module, "__file__", None), _source_file(self.fn)):
             if path and os.path.isfile(path) and path not in [p for p, _ in files]:
-                files.append((path, _sha256(path)))
+                files.append((path, file_sha256(path)))
         return {"kind": "function", "spec": self.spec, "files": [[p, h] for p, h in files]}
 
     def score(self, items: list[Item], on_progress: Progress = None) -> list[float]:
@@ -187,7 +179,7 @@ class RewardCommand:
         for w in words:
             for path in (w, *(os.path.join(d, w) for d in folders)):
                 if path not in files and os.path.isfile(path):
-                    files[path] = _sha256(path)
+                    files[path] = file_sha256(path)
         return {"kind": "command", "cmd": self.cmd, "files": [[w, h] for w, h in files.items()]}
 
     def score(self, items: list[Item], on_progress: Progress = None) -> list[float]:
@@ -375,7 +367,7 @@ class RewardModel:
         for name in ck.side_files:
             full = os.path.join(ck.path, name)
             st = os.stat(full)
-            side.append([name, _sha256(full)] if st.st_size <= WHOLE_FILE_HASH_LIMIT else
+            side.append([name, file_sha256(full)] if st.st_size <= WHOLE_FILE_HASH_LIMIT else
                         [name, st.st_size, st.st_mtime_ns])
         weights = []
         for name in ck.files:

@@ -41,7 +41,7 @@ from .generation import Response, Sampling
 from .plan import check_alpha, make_plan, parse_alphas
 from .prompts import Prompt, load_prompts
 from .rewards import DEFAULT_REWARD_TIMEOUT, Item, open_reward
-from .sources import Checkpoint, open_checkpoint
+from .sources import Checkpoint, file_sha256, open_checkpoint
 
 COARSE = (0.3, 1.0, 3.0, 10.0)  # the auto search's first sweep, after the baseline alpha = 0
 GOLDEN = (3 - math.sqrt(5)) / 2  # 0.382: the golden-section step into the larger side of the bracket
@@ -270,22 +270,14 @@ def _identity(ck: Checkpoint) -> dict:
     for name in ck.files:
         st = os.stat(os.path.join(ck.path, name))
         files.append([name, st.st_size, st.st_mtime_ns])
-    side = [[name, _sha256(os.path.join(ck.path, name))] for name in ck.side_files]
+    side = [[name, file_sha256(os.path.join(ck.path, name))] for name in ck.side_files]
     return {"path": ck.path, "files": files, "side_files": side}
 
 
 def _folder_identity(folder: str) -> dict:
     """A LoRA adapter's folder: the sha256 of every file in it (an adapter is megabytes, not gigabytes)."""
     names = sorted(n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n)))
-    return {"path": folder, "adapter_files": [[n, _sha256(os.path.join(folder, n))] for n in names]}
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+    return {"path": folder, "adapter_files": [[n, file_sha256(os.path.join(folder, n))] for n in names]}
 
 
 def check_sampling(temperature: float, samples: int, max_new_tokens: int, batch_size: int) -> None:
@@ -480,7 +472,7 @@ def search(sft: str, aligned: str, prompts: str, report: str, *, reward_model: s
     if write_best:
         from .api import extrapolate
 
-        digest = _sha256(os.path.join(report, SEARCH_NAME))
+        digest = file_sha256(os.path.join(report, SEARCH_NAME))
         summary = extrapolate(sft, aligned, record["best"]["alpha"], write_best, overwrite=overwrite, drop=drop,
                               drop_shared=drop_shared,
                               provenance={"search": {"report": os.path.join(report, SEARCH_NAME), "sha256": digest,
