@@ -381,7 +381,8 @@ def search(sft: str, aligned: str, prompts: str, report: str, *, reward_model: s
                         batch_size=batch_size)
     settings = Settings(sampling, chat_template, backend, dev.type, drop, holdout, drop_shared)
     reward = open_reward(reward_model, reward_fn, reward_cmd, dev, timeout=reward_timeout)
-    if reward_cmd and not reward.identity()["files"]:
+    reward_id = reward.identity()
+    if reward_cmd and not reward_id["files"]:
         say("note: the reward command names no file that exists here, so the resume key cannot see an edit to the "
             "script it runs; after editing one, pass another --report (or --overwrite)")
     inputs = {"sft": _identity(sft_ck), "aligned": _folder_identity(adapter.path) if adapter else _identity(aligned_ck),
@@ -390,7 +391,7 @@ def search(sft: str, aligned: str, prompts: str, report: str, *, reward_model: s
               # the prompts as read (texts and turns): what the evaluations depend on, whatever they were read from
               "prompts_sha256": hashlib.sha256(json.dumps([[p.text, p.messages] for p in prompt_list],
                                                           sort_keys=True).encode()).hexdigest(),
-              "n_prompts": len(prompt_list), "reward": reward.identity()}
+              "n_prompts": len(prompt_list), "reward": reward_id}
     # where the prompts came from is recorded, but the key holds them as read: the same prompts from another file
     # (or another --limit that picks the same rows) are the same search
     keyed = {k: v for k, v in inputs.items() if k not in ("prompts", "prompt_field", "split", "limit")}
