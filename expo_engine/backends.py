@@ -16,13 +16,11 @@ def open_backend(name: str, sft: Checkpoint, aligned: Checkpoint, device, chunk_
                  drop_shared: bool = False):
     """The inference backend `name`, loaded from the aligned checkpoint; `drop`: the --drop patterns (tensors the
     weights update leaves alone; `drop_shared` as --drop-shared); `adapter` (adapters.Adapter): the aligned side is
-    this LoRA adapter on the SFT model, scaled per alpha (transformers only)."""
+    this LoRA adapter on the SFT model, scaled per alpha (PEFT's model with transformers, a LoRARequest per alpha
+    with vLLM)."""
     if name not in BACKENDS:
         raise OptionError(f"--backend must be one of {', '.join(BACKENDS)}, not {name!r}")
     started = time.monotonic()
-    if adapter is not None and name != "transformers":
-        raise OptionError("a LoRA adapter as --aligned is searched with --backend transformers (vLLM's per-alpha "
-                          "LoRARequest is not built yet); or merge it first: expo extrapolate --alpha 0")
     if name == "transformers":
         from .generation import TransformersBackend
 
@@ -31,6 +29,6 @@ def open_backend(name: str, sft: Checkpoint, aligned: Checkpoint, device, chunk_
     else:
         from .vllm_backend import VllmBackend
 
-        backend = VllmBackend(sft, aligned, device, chunk_bytes, drop=drop, drop_shared=drop_shared)
+        backend = VllmBackend(sft, aligned, device, chunk_bytes, drop=drop, drop_shared=drop_shared, adapter=adapter)
     backend.load_seconds = time.monotonic() - started
     return backend

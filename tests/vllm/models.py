@@ -79,3 +79,51 @@ def prompts(n: int = 4, seed: int = 3) -> list[str]:
         k = int(torch.randint(140, 201, (1,), generator=g))
         out.append(" ".join(LETTERS[int(i)] for i in torch.randint(0, len(LETTERS), (k,), generator=g)))
     return out
+
+
+def save_lora(family: str, root: str, dtype=torch.float32, targets=("q_proj", "v_proj", "down_proj"), r: int = 4,
+              lora_alpha: float = 8, alpha_pattern: dict | None = None, saved: tuple[str, ...] = (),
+              scale: float = 0.1, seed: int = 11, name: str = "lora") -> tuple[str, str]:
+    """An SFT model of `family` in `dtype` (tokenizer included; saved once per root) and a PEFT LoRA adapter on it
+    written as PEFT saves one (adapter_config.json, adapter_model.safetensors with base_model.model. names), without
+    peft: A and B random (B of `scale`, so that theta depends on alpha), `saved` modules (e.g. "lm_head") written
+    whole as modules_to_save. Returns (sft folder, adapter folder)."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    config, _ = tiny_config(family)
+    sft = os.path.join(root, f"{family}-lora-sft")
+    if not os.path.isdir(sft):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config).to(dtype)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() > 1:
+                    p.normal_(0, 0.08)
+        model.save_pretrained(sft)
+        tiny_tokenizer().save_pretrained(sft)
+    state = AutoModelForCausalLM.from_pretrained(sft, dtype=dtype).state_dict()
+    g = torch.Generator().manual_seed(seed + 1)
+    tensors = {}
+    for key, w in state.items():
+        module = key.rsplit(".", 1)[0]
+        if key.endswith(".weight") and module.rsplit(".", 1)[-1] in targets:
+            out, inp = w.shape
+            a, b = torch.randn(r, inp, generator=g) / inp ** 0.5, torch.randn(out, r, generator=g) * scale
+            tensors[f"base_model.model.{module}.lora_A.weight"] = a.to(dtype)
+            tensors[f"base_model.model.{module}.lora_B.weight"] = b.to(dtype)
+        elif module in saved:
+            tensors[f"base_model.model.{key}"] = (w.float() + torch.randn(w.shape, generator=g) * 0.02).to(dtype)
+    folder = os.path.join(root, f"{family}-{name}")
+    os.makedirs(folder, exist_ok=True)
+    save_file(tensors, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": sft, "r": r,
+           "lora_alpha": lora_alpha, "alpha_pattern": alpha_pattern or {}, "rank_pattern": {},
+           "target_modules": list(targets), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+           "modules_to_save": list(saved) or None, "init_lora_weights": True, "use_rslora": False,
+           "use_dora": False}
+    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    return sft, folder
