@@ -121,7 +121,7 @@ class TransformersBackend:
 
         self.device = torch.device(device)
         # an adapter folder often has the tokenizer it was trained with (a chat template added); else the SFT's
-        source = aligned.path if adapter is None else adapter.path if _has_tokenizer(adapter.path) else sft.path
+        source = aligned.path if adapter is None else adapter.path if has_tokenizer(adapter.path) else sft.path
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(source)
         except Exception as e:  # transformers raises OSError, ValueError or its own errors for a missing tokenizer
@@ -243,10 +243,12 @@ class TransformersBackend:
         return Response(text, tokens, end is None and len(row) >= limit, nonfinite)
 
 
-def _has_tokenizer(folder: str) -> bool:
+def has_tokenizer(folder: str) -> bool:
+    """Whether `folder` holds tokenizer files (an adapter folder often has the tokenizer it was trained with)."""
     import os
 
-    return any(os.path.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "tokenizer_config.json"))
+    return any(os.path.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "tokenizer_config.json",
+                                                                  "tokenizer.model"))
 
 
 class ScaledAdapter:

@@ -367,6 +367,9 @@ def search(sft: str, aligned: str, prompts: str, report: str, *, reward_model: s
     select, held = split_prompts(len(prompt_list), holdout, seed)
     sft_ck = open_checkpoint(sft)
     adapter = open_adapter(aligned, sft_ck) if is_adapter(aligned) else None  # every check expo extrapolate makes
+    if adapter and drop:
+        raise OptionError(f"--drop with a LoRA adapter as --aligned ({aligned}): an adapter holds no extra tensors "
+                          "to leave out (its saved modules are the SFT model's); drop --drop")
     aligned_ck = adapter.aligned if adapter else open_checkpoint(aligned)
     base_ck = adapter.sft if adapter else sft_ck  # the SFT side as planned: with a head written out when untied
     make_plan(base_ck, aligned_ck, 0.0, drop=drop, drop_shared=drop_shared)  # the pair's checks, before any loading

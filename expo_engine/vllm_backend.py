@@ -44,7 +44,7 @@ from collections.abc import Callable
 from . import errors
 from .adapters import Adapter, write_scaled_adapter
 from .errors import OptionError
-from .generation import Response, Sampling, check_prompt_lengths, position_limit, render
+from .generation import Response, Sampling, check_prompt_lengths, has_tokenizer, position_limit, render
 from .sources import Checkpoint
 
 WORKER_EXTENSION = "expo_engine.vllm_backend.ExpoWorker"
@@ -94,7 +94,7 @@ class VllmBackend:
         self.adapter = adapter
         model = aligned.path if adapter is None else adapter.sft.path  # with an adapter: the SFT model, LoRA on top
         # an adapter folder often has the tokenizer it was trained with (a chat template added); else the SFT's
-        tokenizer = model if adapter is None or not _has_tokenizer(adapter.path) else adapter.path
+        tokenizer = model if adapter is None or not has_tokenizer(adapter.path) else adapter.path
         self.config = AutoConfig.from_pretrained(model)
         limit = position_limit(self.config)
         self.max_model_len = max_model_len or min(limit[0] if limit else MAX_MODEL_LEN, MAX_MODEL_LEN)
@@ -275,11 +275,6 @@ def check_lora(adapter: Adapter, drop=()) -> None:
     if drop:
         raise OptionError("--drop with a LoRA adapter as --aligned: a scaled adapter cannot leave tensors out with "
                           "--backend vllm; use --backend transformers, or merge it first")
-
-
-def _has_tokenizer(folder: str) -> bool:
-    return any(os.path.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "tokenizer_config.json",
-                                                                  "tokenizer.model"))
 
 
 def _tensor_parallel(config, visible: int) -> int:

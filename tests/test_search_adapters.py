@@ -101,3 +101,14 @@ def test_search_with_an_adapter_end_to_end(tmp_path, tied):
     assert at(0.0) != at(3.0)  # the scaling changes what the model says
     with open(os.path.join(best, "expo.json")) as f:
         assert json.load(f)["alpha"] == rec["best"]["alpha"]
+
+
+def test_drop_with_an_adapter_is_refused(tmp_path):
+    from expo_engine import OptionError
+
+    base_dir, ad_dir = _pair(tmp_path, "qv")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("w10\nw20\n")
+    with pytest.raises(OptionError, match="--drop with a LoRA adapter as --aligned"):
+        search(base_dir, ad_dir, str(prompts), str(tmp_path / "rep"), reward_fn="search_rewards:word_sum",
+               alpha="1", drop=["lm_head"], device="cpu", holdout=0)
