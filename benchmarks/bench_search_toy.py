@@ -133,6 +133,8 @@ def main() -> None:
     p.add_argument("--markdown", metavar="FILE", help="append the report to FILE")
     p.add_argument("--backend", default="transformers", help="comma-separated: transformers, vllm")
     p.add_argument("--heads", type=int, default=4, help="attention heads of the toy model (hidden 64)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0: greedy, one sample a "
+                   "prompt (the backends then draw no random numbers, so they can be compared response by response)")
     args = p.parse_args()
     HEADS[0] = args.heads
     backends = args.backend.split(",")
@@ -169,7 +171,9 @@ def main() -> None:
     with open(prompts, "w") as f:
         for row in prompt_ids(pg, PROMPTS):
             f.write(" ".join(f"w{t}" for t in row.tolist()) + "\n")
-    common = dict(reward_fn="toy_reward:score", max_new_tokens=16, samples=2, device="cpu", batch_size=48)
+    samples = 1 if args.temperature == 0 else 2
+    common = dict(reward_fn="toy_reward:score", max_new_tokens=16, samples=samples, device="cpu", batch_size=48,
+                  temperature=args.temperature)
     rows = []
     sft_reward = None
     for step, folder in sorted(saves.items()):
@@ -195,8 +199,8 @@ def main() -> None:
              f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}; machine: {os.cpu_count()} cores, "
              f"{platform.platform()}; torch {torch.__version__}",
              f"- SFT {args.sft_steps} steps, DPO {args.dpo_steps} steps (beta 0.1, lr 1e-4), {args.heads} attention "
-             f"head(s), training {trained:.0f} s; {PROMPTS} prompts x 2 samples (the search: 36 choose alpha, 12 "
-             "held out; the grid: all 48), max 16 new tokens, temperature 0.7, seed 42",
+             f"head(s), training {trained:.0f} s; {PROMPTS} prompts x {samples} sample(s) (the search: 36 choose "
+             f"alpha, 12 held out; the grid: all 48), max 16 new tokens, temperature {args.temperature:g}, seed 42",
              f"- reward: share of good words minus 0.1 per word past 12; SFT model: "
              f"{sft_reward['reward_mean']:.3f} ± {sft_reward['reward_stderr']:.3f}", "",
              "| checkpoint | backend | aligned reward | + ExPO (search) | alpha chosen | evaluations | win rate vs "
