@@ -215,10 +215,11 @@ def next_alpha(evals: dict[float, Evaluation], grid: tuple[float, ...] | None, b
         return 0.0
     if grid is not None:
         return next((a for a in grid if a not in evals), None)
+    # a report may hold a grid's negative alphas (interpolation): the auto strategy walks alpha >= 0 only, and
+    # only those count toward its budget
+    evals = {a: e for a, e in evals.items() if a >= 0}
     if len(evals) >= budget:
         return None
-    # a report may hold a grid's negative alphas (interpolation): the auto strategy walks alpha >= 0 only
-    evals = {a: e for a, e in evals.items() if a >= 0}
     points = ladder(evals)
     if points[-1] not in evals:
         return points[-1]
@@ -299,7 +300,7 @@ def _check_apart(report: str, prompts: str, write_best: str | None) -> None:
 
     rep = real(report)
     within = lambda path, folder: os.path.commonpath([path, folder]) == folder  # noqa: E731
-    if within(real(prompts), rep):
+    if os.path.exists(os.path.expanduser(prompts)) and within(real(prompts), rep):  # not a Hub dataset's org/name
         raise OptionError(f"--prompts {prompts} lies inside the --report folder {report}, which the search writes "
                           "and replaces files in; keep the prompts elsewhere")
     if write_best and (within(real(write_best), rep) or within(rep, real(write_best))):
@@ -408,10 +409,13 @@ def search(sft: str, aligned: str, prompts: str, report: str, *, reward_model: s
                 "and replaces it once complete")
         if evals:
             say(f"resuming: {len(evals)} evaluation(s) already in {work} for these inputs and settings")
-        earlier = sorted(a for a in evals if grid is not None and a not in grid)
+        before = _recorded_grid(work)  # an earlier search's grid (the key leaves alpha and budget out)
+        earlier = sorted(a for a in evals if a and (a not in grid if grid is not None else before is not None))
         if earlier:
             say(f"also using the evaluation(s) of alpha {', '.join(f'{a:g}' for a in earlier)} from an earlier "
-                "search into this report, outside this grid: the best is chosen among all")
+                "search into this report" + (", outside this grid" if grid is not None else
+                                             "'s grid, which count toward --budget")
+                + ": the best is chosen among all")
         model = open_backend(backend, base_ck, aligned_ck, dev, chunk_bytes, drop=drop, adapter=adapter,
                              drop_shared=drop_shared)
         say(f"loaded {aligned_ck.source} with {backend} on {dev} in {model.load_seconds:.1f} s; "
@@ -629,6 +633,16 @@ def _remove_stray_responses(report: str) -> None:
         raise OutputError(f"--report {report} holds a {RESPONSES_NAME} that expo search did not write (and no "
                           f"{SEARCH_NAME}); move it away or choose another --report folder")
     os.unlink(path)
+
+
+def _recorded_grid(folder: str) -> list | None:
+    """The grid of the search recorded in `folder` (None for an auto search, or no record)."""
+    try:
+        with open(os.path.join(folder, SEARCH_NAME)) as f:
+            grid = json.load(f).get("settings", {}).get("alpha")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return grid if isinstance(grid, list) else None
 
 
 def _complete(folder: str) -> bool:

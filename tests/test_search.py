@@ -410,7 +410,7 @@ def test_auto_after_a_negative_grid_in_the_same_report():
     while (a := next_alpha(evals, None, 8)) is not None:
         assert a > 0
         evals[a] = _ev(a, 1.0 - a)
-    assert len(evals) <= 8 and best_of(evals).alpha == -0.5
+    assert len([a for a in evals if a >= 0]) == 8 and best_of(evals).alpha == -0.5  # negative ones not counted
 
 
 def test_prompts_with_a_byte_order_mark(tmp_path):
@@ -746,3 +746,24 @@ def test_held_out_rows_are_file_rows_under_limit(chat, tmp_path):
     text = open(prompts).read().splitlines()
     assert len(h["rows"]) == 2 and all(text[r - 1] == x["prompt"] for x in rows for r in [x["row"]])
     assert {x["row"] for x in rows if x["split"] == "holdout"} == set(h["rows"])
+
+
+def test_auto_after_a_grid_says_the_grid_counts(chat, tmp_path):
+    """The key leaves alpha and budget out: an auto search into a grid's report reuses its evaluations, and says
+    they count toward --budget (negative alphas do not)."""
+    lines = []
+    _grid_search(chat, tmp_path / "rep", alpha="-0.5,1,3")
+    rec = _grid_search(chat, tmp_path / "rep", alpha="auto", budget=4, on_progress=lines.append)
+    assert rec["alphas_from_earlier_searches"] == [-0.5, 1.0, 3.0]
+    assert any("grid, which count toward --budget" in x for x in lines)
+    assert len([e for e in rec["evaluations"] if e["alpha"] >= 0]) == 4  # 0, 1, 3 and one more
+
+
+def test_a_hub_dataset_name_is_not_a_path_inside_the_report(chat, tmp_path, monkeypatch):
+    from expo_engine import OptionError
+
+    sft, aligned, _ = chat
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OptionError) as e:
+        search(sft, aligned, "someorg/somedata", ".", reward_fn="search_rewards:count_w7", alpha="1", **FAST)
+    assert "inside the --report folder" not in str(e.value)
