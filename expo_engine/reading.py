@@ -213,3 +213,10 @@ def hash_range(fd: int, start: int = 0, stop: int | None = None):
         h.update(block)
         start += len(block)
     return h
+
+
+def file_sha256(path: str) -> str:
+    """The sha256 of a whole (small) file: side files, prompts, a reward's script, an output shard. Model weights
+    being searched are identified by size and mtime instead: hashing them would read the model again."""
+    with open(path, "rb") as f:
+        return hash_range(f.fileno()).hexdigest()

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import OptionError, RewardError
-from .sources import file_sha256
+from .reading import file_sha256
 
 DEFAULT_REWARD_TIMEOUT = 600.0  # seconds a reward command may go without printing a score (see RewardCommand)
 PROGRESS_SECONDS = 10.0  # at most one progress line per this many seconds while scoring

@@ -40,8 +40,9 @@ from .errors import NonFiniteError, OptionError, OutputError
 from .generation import Response, Sampling
 from .plan import check_alpha, make_plan, parse_alphas
 from .prompts import Prompt, load_prompts
+from .reading import file_sha256
 from .rewards import DEFAULT_REWARD_TIMEOUT, Item, open_reward
-from .sources import Checkpoint, file_sha256, open_checkpoint
+from .sources import Checkpoint, open_checkpoint
 
 COARSE = (0.3, 1.0, 3.0, 10.0)  # the auto search's first sweep, after the baseline alpha = 0
 GOLDEN = (3 - math.sqrt(5)) / 2  # 0.382: the golden-section step into the larger side of the bracket

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import fnmatch
 import glob
-import hashlib
 import importlib
 import json
 import math
@@ -573,13 +572,3 @@ def _bin_slot(path: str, name: str, ref: _TensorRef, info: zipfile.ZipInfo, raw)
                           "zip archive: re-download or re-save it")
     return TensorSlot(name, ref.storage.dtype, ref.shape, path, data_offset + ref.storage_offset * itemsize,
                       numel * itemsize)
-
-
-def file_sha256(path: str) -> str:
-    """The sha256 of a whole (small) file: side files, prompts, a reward's script. Model weights are identified by
-    size and mtime instead: hashing them would read the model again."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()

@@ -34,7 +34,7 @@ from .adapters import is_adapter
 from .errors import FormatError, MismatchError, OptionError, SourceError
 from .naming import shared_names
 from .plan import check_alpha
-from .reading import Buffers, Inputs, direct_io, hash_range, read_ahead
+from .reading import Buffers, Inputs, direct_io, file_sha256, read_ahead
 from .sources import (
     SAFETENSORS_INDEX,
     SAFETENSORS_SINGLE,
@@ -304,16 +304,11 @@ def _check_checksums(out: str, provenance: dict | None, problems: list[str]) -> 
             size = os.path.getsize(path)
             if size != entry["size"]:
                 problems.append(f"{name}: has {size} bytes, but {PROVENANCE_NAME} records {entry['size']}")
-            elif _sha256(path) != entry["sha256"]:
+            elif file_sha256(path) != entry["sha256"]:
                 problems.append(f"{name}: its sha256 differs from the one {PROVENANCE_NAME} records")
     problems += [f"{name}: in the folder but not listed in {PROVENANCE_NAME}"
                  for name in sorted(os.listdir(out)) if name != PROVENANCE_NAME and name not in files]
     return compared
-
-
-def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hash_range(f.fileno()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------
