@@ -406,7 +406,7 @@ def run_lora_chunks(plan: Plan, chunks, inputs, write: Callable, stats: bool = T
     return found
 
 
-def write_scaled_adapter(adapter: Adapter, sft: Checkpoint, alpha: float, folder: str) -> list[str]:
+def write_scaled_adapter(adapter: Adapter, alpha: float, folder: str) -> list[str]:
     """Write into `folder` (a staging folder: the caller renames it into place) a PEFT adapter whose effect is
     (1 + alpha) times `adapter`'s: lora_alpha and alpha_pattern scaled in the config, A and B copied byte for
     byte, saved modules extrapolated (float32, one rounding). Returns the file names written."""
@@ -440,7 +440,7 @@ def write_scaled_adapter(adapter: Adapter, sft: Checkpoint, alpha: float, folder
     return [WEIGHTS_NAME, CONFIG_NAME]
 
 
-def change_stats(adapter: Adapter, sft: Checkpoint, chunk_bytes: int) -> dict[str, kernels.Stats]:
+def change_stats(adapter: Adapter, chunk_bytes: int) -> dict[str, kernels.Stats]:
     """`expo norms SFT ADAPTER` for the adapted weights: the statistics of the change s B A against the SFT
     weights (A = sft, B = sft + s B A), float64 sums, the SFT rows read and B @ A formed a row block at a time."""
     import torch

@@ -250,7 +250,7 @@ def scale_adapter(sft: str, aligned: str, alpha: float, out: str, *, overwrite: 
         check_target(lock.out, overwrite)
         stage = tempfile.mkdtemp(prefix=f".{os.path.basename(out_abs)}.expo-adapter-", dir=os.path.dirname(out_abs))
         try:
-            files = write_scaled_adapter(adapter, sft_ck, alpha, stage)
+            files = write_scaled_adapter(adapter, alpha, stage)
             for name in os.listdir(adapter.path):  # the adapter's own tokenizer files, if any
                 if name.startswith(("tokenizer", "special_tokens_map", "added_tokens", "chat_template")):
                     shutil.copy2(os.path.join(adapter.path, name), stage)

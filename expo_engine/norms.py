@@ -197,7 +197,7 @@ def parameter_norms(sources: list[str], chunk_bytes: int = 64 * 2**20, vocab: st
         adapter = open_adapter(sources[adapters[0]], base)
         base = adapter.sft  # the base as the adapter sees it: a tied head written out where the adapter unties it
         report = compare(base, adapter.aligned, chunk_bytes, skip=set(adapter.loras), vocab=vocab)
-        report.tensors.update(change_stats(adapter, base, chunk_bytes))
+        report.tensors.update(change_stats(adapter, chunk_bytes))
         report.tensors = {n: report.tensors[n] for n in base.tensors if n in report.tensors}  # the model's order
         return [report]
     cks = [open_checkpoint(s) for s in sources]

@@ -147,7 +147,7 @@ class VllmBackend:
         self.lora_ids += 1  # a new id (and folder) per update: vLLM caches an adapter by its id
         folder = os.path.join(self.lora_root, f"alpha-{alpha:g}-{self.lora_ids}")
         os.makedirs(folder)
-        write_scaled_adapter(self.adapter, self.adapter.sft, float(alpha), folder)
+        write_scaled_adapter(self.adapter, float(alpha), folder)
         self.lora = LoRARequest(f"expo-alpha-{alpha:g}-{self.lora_ids}", self.lora_ids, folder)
         self.last_update = {"alpha": alpha, "lora": {"id": self.lora_ids, "path": folder}}
         return {}
