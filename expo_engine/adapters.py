@@ -42,6 +42,7 @@ from .naming import classify, listing
 from .plan import Plan
 from .reading import Inputs
 from .sources import Checkpoint, TensorSlot, read_safetensors_layout
+from .vocab import vocab_size
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -135,7 +136,7 @@ def tied_embedding(sft: Checkpoint) -> str | None:
     cfg = cfg if isinstance(cfg, dict) else {}
     if cfg.get("tie_word_embeddings", True) is False:
         return None
-    vocab = cfg.get("vocab_size")
+    vocab = vocab_size(sft.path)  # as vocab reads it: also under text_config, OLMo's padded embedding_size
     names = [n for n, t in sft.tensors.items() if len(t.shape) == 2 and classify(n)[1] == "embed"
              and not re.search(r"wpe|position", n) and (not isinstance(vocab, int) or t.shape[0] == vocab)]
     return names[0] if len(names) == 1 else None
