@@ -367,3 +367,14 @@ def chat_pair(root, tied: bool = False, scale: float = 0.05) -> tuple[str, str]:
         tiny_tokenizer().save_pretrained(folder)
         folders.append(folder)
     return folders[0], folders[1]
+
+
+def permute_rows(model, names, order: list[int]) -> None:
+    """Move the rows of `model`'s parameters `names` in place: row i goes to row order[i] (a reordered vocabulary's
+    embedding and head, following its tokenizer)."""
+    with torch.no_grad():
+        for name in names:
+            w = model.get_parameter(name)
+            moved = torch.empty_like(w)
+            moved[torch.tensor(order)] = w
+            w.copy_(moved)

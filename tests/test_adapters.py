@@ -58,14 +58,16 @@ def _peft_scaled(base_dir, ad_dir, factor, dtype):
     from transformers import AutoModelForCausalLM
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype), ad_dir)
+    done = set()  # tied saved modules (ensure_weight_tying) share one parameter: extrapolate it once
     for module in model.modules():
         if hasattr(module, "scaling") and isinstance(module.scaling, dict):
             module.scaling = {k: v * factor for k, v in module.scaling.items()}
         if hasattr(module, "original_module") and hasattr(module, "modules_to_save"):
             with torch.no_grad():
                 for name, p in module.modules_to_save["default"].named_parameters():
-                    base = module.original_module.get_parameter(name)
-                    p.copy_(p + (factor - 1) * (p - base))
+                    if p.data_ptr() not in done:
+                        done.add(p.data_ptr())
+                        p.copy_(p + (factor - 1) * (p - module.original_module.get_parameter(name)))
     return model
 
 

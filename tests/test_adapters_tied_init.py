@@ -18,6 +18,7 @@ import warnings
 import pytest
 import torch
 from helpers import assert_user_error, llama_config, run_expo
+from test_adapters import _peft_scaled
 
 from expo_engine import MismatchError, extrapolate, parameter_norms
 from expo_engine.api import scale_adapter
@@ -75,22 +76,9 @@ def _make(root, name: str, model_fn, **lora):
 def _peft_model(base_dir, ad_dir, factor: float = 1.0, merge: bool = False):
     """PEFT's model with the adapter loaded (unmerged unless `merge`), its effect scaled by `factor`: every LoRA
     scaling times factor, every saved module extrapolated from the base's."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), ad_dir)
-    done = set()  # tied saved modules (ensure_weight_tying) share one parameter: extrapolate it once
-    for module in model.modules():
-        if hasattr(module, "scaling") and isinstance(module.scaling, dict):
-            module.scaling = {k: v * factor for k, v in module.scaling.items()}
-        if hasattr(module, "original_module") and hasattr(module, "modules_to_save"):
-            with torch.no_grad():
-                for name, p in module.modules_to_save["default"].named_parameters():
-                    if p.data_ptr() not in done:
-                        done.add(p.data_ptr())
-                        p.copy_(p + (factor - 1) * (p - module.original_module.get_parameter(name)))
+        model = _peft_scaled(base_dir, ad_dir, factor, torch.float32)
     return (model.merge_and_unload() if merge else model).eval()
 
 

@@ -142,19 +142,14 @@ def permuted_pair(root, exact: bool = False):
     sft state, aligned state, source) with source[j] the SFT row of aligned row j."""
     import os
 
-    from helpers import llama_pair, save_model, tiny_tokenizer
+    from helpers import llama_pair, permute_rows, save_model, tiny_tokenizer
 
     g = torch.Generator().manual_seed(11)
     order = list(range(4)) + (torch.randperm(124, generator=g) + 4).tolist()  # the special tokens stay
     sft, aligned = llama_pair()
     if exact:
         aligned.load_state_dict(sft.state_dict())
-    with torch.no_grad():
-        for name in ROWS:
-            w = aligned.get_parameter(name)
-            moved = torch.empty_like(w)
-            moved[torch.tensor(order)] = w
-            w.copy_(moved)
+    permute_rows(aligned, ROWS, order)
     folders = []
     for model, side in ((sft, "sft"), (aligned, "aligned")):
         folder = save_model(model, os.path.join(str(root), side))

@@ -13,6 +13,7 @@ from helpers import (
     llama_pair,
     load_output,
     nudge_element,
+    permute_rows,
     run_expo,
     save_model,
     tiny_tokenizer,
@@ -210,12 +211,7 @@ def _permuted_pair(root, order, tokenizers=("sft", "aligned"), rename=None, sft_
     aligned ids whose string is replaced by one the SFT tokenizer lacks. `sft_added`: more (content, id) added tokens
     of the SFT tokenizer. Returns (sft folder, aligned folder, sft state, aligned state as saved)."""
     sft, aligned = llama_pair()
-    with torch.no_grad():
-        for name in ROWS:
-            w = aligned.get_parameter(name)
-            moved = torch.empty_like(w)
-            moved[torch.tensor(order)] = w
-            w.copy_(moved)
+    permute_rows(aligned, ROWS, order)
 
     def permute(v):
         by_id = {i: t for t, i in v.items()}
